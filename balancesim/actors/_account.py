@@ -1,0 +1,134 @@
+"""The account actor: the one door through which an account's balances change."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from balancesim.actors._clock import Clock
+from balancesim.actors._ledger import Ledger, Submission
+from balancesim.actors._messages import Command, Rejected
+from balancesim.actors._reply import Reply
+from balancesim.actors._state import AccountState, apply_all, decide
+from balancesim.actors._views import result_of
+
+__all__ = ["AccountActor", "Request"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A command for an account, the reply to complete, and an optional idempotency key."""
+
+    command: Command
+    reply: Reply
+    idempotency: tuple[int, str, str] | None = None
+
+
+@dataclass(frozen=True)
+class _Reload:
+    """The ledger failed to commit one of ours: our in-memory state is ahead of it."""
+
+
+class _InFlight:
+    """Counts submissions not yet answered by the ledger, so a stop can wait for them."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._zero = threading.Condition()
+
+    def add(self) -> None:
+        with self._zero:
+            self._count += 1
+
+    def done(self, _reply: Reply) -> None:
+        with self._zero:
+            self._count -= 1
+            if self._count == 0:
+                self._zero.notify_all()
+
+    def wait_zero(self) -> None:
+        with self._zero:
+            self._zero.wait_for(lambda: self._count == 0)
+
+
+class AccountActor(pykka.ThreadingActor):
+    """Decides commands for one account and pipelines the results to the ledger.
+
+    The actor applies a confirmed decision to its state at once and goes on to the
+    next command while the ledger commits, so one busy account is not bound to
+    one fsync per mutation; the reply waits for the commit. If a commit fails,
+    the actor reloads its state from the ledger. A stopping actor waits for its
+    in-flight commits, so a successor never loads a state that is about to change.
+
+    Args:
+        user_id: the account.
+        ledger: where decisions are committed and state is loaded from.
+        clock: gives each decision its time.
+        predecessor: a passivated actor of the same account that may still be
+            finishing; this one starts only after it has stopped.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        user_id: int,
+        ledger: Ledger,
+        clock: Clock,
+        predecessor: pykka.ActorRef[Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.user_id = user_id
+        self.ledger = ledger
+        self.clock = clock
+        self.predecessor = predecessor
+        self.state = AccountState(user_id)
+        self._in_flight = _InFlight()
+
+    def on_start(self) -> None:
+        if self.predecessor is not None:
+            self.predecessor.actor_stopped.wait()
+            self.predecessor = None
+        self._load()
+
+    def on_stop(self) -> None:
+        self._in_flight.wait_zero()
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, _Reload):
+            self._load()
+            return
+        verdict = decide(self.state, message.command, self.clock.now())
+        if isinstance(verdict, Rejected):
+            message.reply.set_exception(verdict.error)
+            return
+        self.state = apply_all(self.state, verdict.events)
+        self._in_flight.add()
+        message.reply.add_done_callback(self._in_flight.done)
+        command = message.command
+        self.ledger.append(
+            Submission(
+                user_id=self.user_id,
+                events=verdict.events,
+                reply=message.reply,
+                result=lambda events: result_of(command, events),
+                on_failure=self._reload_later,
+                idempotency=message.idempotency,
+            )
+        )
+
+    def _load(self) -> None:
+        state = self.ledger.load_account(self.user_id)
+        if state is None:
+            raise LookupError(f"no account {self.user_id}")
+        self.state = state
+        self.ledger.reset(self.user_id)
+
+    def _reload_later(self) -> None:
+        try:
+            self.actor_ref.tell(_Reload())
+        except pykka.ActorDeadError:
+            pass  # a stopped actor's successor loads from the ledger anyway

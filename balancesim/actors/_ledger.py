@@ -1,0 +1,544 @@
+"""The ledger: SQLite (WAL, ``synchronous=FULL``) through sqlite-utils.
+
+One writer thread owns the only write connection and commits *group-wise*: it
+takes every submission waiting in its queue (up to ``batch_max``) and commits
+them in one transaction, so the durable rate is not one fsync per mutation.
+Only after the commit does it publish the events and complete the replies: a
+reply means the entries are on disk.
+
+A failed commit fails every submission in the batch and *poisons* the accounts
+involved: their later submissions (decided on top of the failed state) fail too,
+until the account actor has reloaded its state from the ledger and sent a
+``reset``. Because the writer's queue is FIFO, the reset marks exactly where the
+account's fresh decisions begin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+import sqlite_utils
+
+from balancesim import errors
+from balancesim.actors._clock import iso
+from balancesim.actors._messages import (
+    ASSETS,
+    ControlModeSet,
+    Event,
+    OptionForced,
+    OptionOpened,
+    OptionSettled,
+    Posted,
+    Trade,
+)
+from balancesim.actors._reply import Reply
+from balancesim.actors._state import AccountState
+
+__all__ = ["Ledger", "Submission", "connect", "create_schema", "insert_user", "parse_ts"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    username TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    control_mode TEXT NOT NULL DEFAULT 'normal',
+    version INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS balances (
+    user_id INTEGER NOT NULL REFERENCES users(user_id),
+    asset TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (user_id, asset)
+);
+CREATE TABLE IF NOT EXISTS transactions (
+    transaction_id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(user_id),
+    asset TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    balance_after INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    description TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    ts TEXT NOT NULL,
+    initiated_by INTEGER,
+    UNIQUE (user_id, version)
+);
+CREATE TABLE IF NOT EXISTS trades (
+    trade_id TEXT PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(user_id),
+    symbol TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    duration INTEGER NOT NULL,
+    payout_rate INTEGER NOT NULL,
+    entry_price INTEGER NOT NULL,
+    exit_price INTEGER,
+    status TEXT NOT NULL,
+    decided_by TEXT,
+    opened_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    settled_at TEXT,
+    payout INTEGER,
+    forced_outcome TEXT,
+    forced_by INTEGER
+);
+CREATE INDEX IF NOT EXISTS trades_open ON trades (status) WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS trades_user ON trades (user_id, status);
+CREATE TABLE IF NOT EXISTS control_changes (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(user_id),
+    mode TEXT NOT NULL,
+    set_by INTEGER NOT NULL,
+    ts TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    caller_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (caller_id, key)
+);
+"""
+
+_TRADE_COLUMNS = (
+    "trade_id, user_id, symbol, direction, amount, duration, payout_rate, entry_price, "
+    "exit_price, status, decided_by, opened_at, expires_at, settled_at, payout, "
+    "forced_outcome, forced_by"
+)
+_TX_COLUMNS = (
+    "transaction_id, user_id, asset, amount, balance_after, type, description, metadata, "
+    "version, ts, initiated_by"
+)
+
+
+def parse_ts(text: str | None) -> float | None:
+    """The inverse of ``iso``."""
+    return None if text is None else datetime.fromisoformat(text).timestamp()
+
+
+def connect(path: str, *, busy_timeout_s: float = 30.0) -> sqlite_utils.Database:
+    """A connection in WAL mode with ``synchronous=FULL``, usable from any thread."""
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def create_schema(db: sqlite_utils.Database) -> None:
+    """Create the tables if they are missing."""
+    with db.atomic():
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+
+def insert_user(db: sqlite_utils.Database, username: str, role: str, password_hash: str, now: float) -> int:
+    """Insert a user with zero balances; ``Conflict`` if the name is taken.
+
+    Runs inside the caller's transaction when there is one (a savepoint), so a
+    taken name never aborts the writer's whole batch.
+    """
+    try:
+        with db.atomic():
+            cursor = db.execute(
+                "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                (username, role, password_hash, iso(now)),
+            )
+            user_id = cursor.lastrowid
+            db.conn.executemany(
+                "INSERT INTO balances (user_id, asset, amount) VALUES (?, ?, 0)",
+                [(user_id, asset) for asset in ASSETS],
+            )
+    except sqlite3.IntegrityError as error:
+        raise errors.Conflict(f"username {username!r} is taken") from error
+    return int(user_id)
+
+
+def _trade_row(trade: Trade) -> tuple:
+    return (
+        trade.trade_id, trade.user_id, trade.symbol, trade.direction, trade.amount,
+        trade.duration, trade.payout_rate, trade.entry_price, trade.exit_price, trade.status,
+        trade.decided_by, iso(trade.opened_at), iso(trade.expires_at),
+        None if trade.settled_at is None else iso(trade.settled_at), trade.payout,
+        trade.forced_outcome, trade.forced_by,
+    )
+
+
+def trade_from_row(row: tuple) -> Trade:
+    """A ``Trade`` from a row of ``_TRADE_COLUMNS``."""
+    values = list(row)
+    for index in (11, 12, 13):
+        values[index] = parse_ts(values[index])
+    names = [name.strip() for name in _TRADE_COLUMNS.split(",")]
+    return Trade(**dict(zip(names, values)))
+
+
+def posted_from_row(row: tuple) -> Posted:
+    """A ``Posted`` from a row of ``_TX_COLUMNS``."""
+    (tx_id, user_id, asset, amount, after, type_, description, metadata, version, ts,
+     initiated_by) = row
+    return Posted(
+        user_id=user_id, version=version, asset=asset, amount=amount, balance_after=after,
+        type=type_, description=description, metadata=json.loads(metadata),
+        ts=parse_ts(ts), initiated_by=initiated_by, transaction_id=tx_id,
+    )
+
+
+@dataclass
+class Submission:
+    """One decision of one account, to be committed atomically with its batch.
+
+    Args:
+        user_id: the account.
+        events: what ``decide`` confirmed, in order.
+        reply: completed with ``result(committed_events)`` after the commit.
+        result: builds the reply value once transaction ids are assigned.
+        on_failure: told when the commit failed, so the account reloads.
+        idempotency: ``(caller_id, key, fingerprint)`` to remember the result under.
+    """
+
+    user_id: int
+    events: tuple[Event, ...]
+    reply: Reply
+    result: Callable[[tuple[Event, ...]], Any]
+    on_failure: Callable[[], None] = lambda: None
+    idempotency: tuple[int, str, str] | None = None
+
+
+@dataclass
+class _Reset:
+    user_id: int
+
+
+@dataclass
+class _CreateUser:
+    username: str
+    role: str
+    password_hash: str
+    now: float
+    reply: Reply
+
+
+@dataclass
+class _Barrier:
+    reply: Reply = field(default_factory=Reply)
+
+
+_STOP = object()
+
+
+class Ledger:
+    """The durable ledger with its group-commit writer and a pool of readers.
+
+    Args:
+        path: the SQLite file.
+        batch_max: the most submissions committed in one transaction.
+        readers: how many read connections to keep.
+    """
+
+    def __init__(self, path: str, *, batch_max: int = 1000, readers: int = 4) -> None:
+        self.path = path
+        self.batch_max = batch_max
+        self._db = connect(path)
+        create_schema(self._db)
+        self._readers: queue.Queue[sqlite_utils.Database] = queue.Queue()
+        for _ in range(readers):
+            self._readers.put(connect(path))
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._poisoned: set[int] = set()
+        self._listeners: list[Callable[[list[Event]], None]] = []
+        self._fault: Exception | None = None
+        self.commits = 0
+        self.committed_submissions = 0
+        row = self._db.execute("SELECT COALESCE(MAX(transaction_id), 0) FROM transactions").fetchone()
+        self._next_tx_id = row[0] + 1
+        self._thread = threading.Thread(target=self._run, name="LedgerWriter", daemon=True)
+        self._thread.start()
+
+    # -- writing -----------------------------------------------------------------
+
+    def on_commit(self, listener: Callable[[list[Event]], None]) -> None:
+        """Call ``listener(events)`` on the writer thread after every commit.
+
+        The events of one batch come in commit order, so each account's entries
+        arrive in version order. The listener must be quick and must not block.
+        """
+        self._listeners.append(listener)
+
+    def append(self, submission: Submission) -> None:
+        """Queue a decision for the next group commit."""
+        self._queue.put(submission)
+
+    def reset(self, user_id: int) -> None:
+        """Mark where an account's decisions start again after a reload."""
+        self._queue.put(_Reset(user_id))
+
+    def create_user(self, username: str, role: str, password_hash: str, now: float) -> Reply:
+        """Create a user through the writer; the reply carries the new ``user_id``."""
+        reply = Reply()
+        self._queue.put(_CreateUser(username, role, password_hash, now, reply))
+        return reply
+
+    def flush(self) -> Reply:
+        """A reply completed once everything queued before it is committed."""
+        barrier = _Barrier()
+        self._queue.put(barrier)
+        return barrier.reply
+
+    def inject_fault(self, error: Exception | None) -> None:
+        """Make every commit fail with ``error`` until called with ``None`` (tests)."""
+        self._fault = error
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer and close every connection."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._db.close()
+        while not self._readers.empty():
+            self._readers.get().close()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = _STOP in batch
+            self._commit([item for item in batch if item is not _STOP])
+            if stop:
+                return
+
+    def _commit(self, batch: list[Any]) -> None:
+        accepted: list[Submission] = []
+        users: list[_CreateUser] = []
+        barriers: list[_Barrier] = []
+        for item in batch:
+            if isinstance(item, _Reset):
+                self._poisoned.discard(item.user_id)
+            elif isinstance(item, _Barrier):
+                barriers.append(item)
+            elif isinstance(item, _CreateUser):
+                users.append(item)
+            elif item.user_id in self._poisoned:
+                item.reply.set_exception(
+                    errors.StorageUnavailable("the ledger could not store an earlier change")
+                )
+            else:
+                accepted.append(item)
+        first_tx_id = self._next_tx_id
+        try:
+            numbered = [(sub, self._number(sub.events)) for sub in accepted]
+            results = [sub.result(events) for sub, events in numbered]
+            created = self._write(numbered, results, users)
+        except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
+            self._next_tx_id = first_tx_id
+            self._fail(accepted, users, error)
+        else:
+            self.commits += 1
+            self.committed_submissions += len(accepted)
+            events = [event for _, evs in numbered for event in evs]
+            if events:
+                for listener in self._listeners:
+                    listener(events)
+            for (sub, _), result in zip(numbered, results):
+                sub.reply.set(result)
+            for create, outcome in zip(users, created):
+                if isinstance(outcome, Exception):
+                    create.reply.set_exception(outcome)
+                else:
+                    create.reply.set(outcome)
+        for barrier in barriers:
+            barrier.reply.set(None)
+
+    def _number(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
+        out = []
+        for event in events:
+            if isinstance(event, Posted):
+                event = dataclasses.replace(event, transaction_id=self._next_tx_id)
+                self._next_tx_id += 1
+            out.append(event)
+        return tuple(out)
+
+    def _write(self, numbered: list, results: list, users: list[_CreateUser]) -> list:
+        if self._fault is not None:
+            raise self._fault
+        db = self._db
+        tx_rows, balances, versions, trades, controls, keys = [], {}, {}, [], [], []
+        for (sub, events), result in zip(numbered, results):
+            for event in events:
+                if isinstance(event, Posted):
+                    tx_rows.append((
+                        event.transaction_id, event.user_id, event.asset, event.amount,
+                        event.balance_after, event.type, event.description,
+                        json.dumps(dict(event.metadata), sort_keys=True), event.version,
+                        iso(event.ts), event.initiated_by,
+                    ))
+                    balances[(event.user_id, event.asset)] = event.balance_after
+                    versions[event.user_id] = event.version
+                elif isinstance(event, (OptionOpened, OptionForced, OptionSettled)):
+                    trades.append(_trade_row(event.trade))
+                elif isinstance(event, ControlModeSet):
+                    controls.append((event.user_id, event.mode, event.set_by, iso(event.ts)))
+            if sub.idempotency is not None:
+                keys.append((*sub.idempotency, json.dumps(result)))
+        created: list = []
+        with db.atomic():
+            for create in users:
+                try:
+                    created.append(insert_user(db, create.username, create.role, create.password_hash, create.now))
+                except errors.Conflict as error:
+                    created.append(error)
+            conn = db.conn
+            conn.executemany(f"INSERT INTO transactions ({_TX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", tx_rows)
+            conn.executemany(
+                "UPDATE balances SET amount = ? WHERE user_id = ? AND asset = ?",
+                [(amount, user_id, asset) for (user_id, asset), amount in balances.items()],
+            )
+            conn.executemany(
+                "UPDATE users SET version = ? WHERE user_id = ?",
+                [(version, user_id) for user_id, version in versions.items()],
+            )
+            conn.executemany(
+                f"INSERT OR REPLACE INTO trades ({_TRADE_COLUMNS}) VALUES ({','.join('?' * 17)})",
+                trades,
+            )
+            conn.executemany(
+                "INSERT INTO control_changes (user_id, mode, set_by, ts) VALUES (?, ?, ?, ?)", controls
+            )
+            conn.executemany(
+                "UPDATE users SET control_mode = ? WHERE user_id = ?",
+                [(mode, user_id) for user_id, mode, _, _ in controls],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO idempotency (caller_id, key, fingerprint, result) VALUES (?, ?, ?, ?)",
+                keys,
+            )
+        return created
+
+    def _fail(self, accepted: list[Submission], users: list[_CreateUser], error: Exception) -> None:
+        failure = errors.StorageUnavailable(f"the ledger could not be written: {error}")
+        for sub in accepted:
+            self._poisoned.add(sub.user_id)
+        for sub in accepted:
+            sub.on_failure()
+            sub.reply.set_exception(failure)
+        for create in users:
+            create.reply.set_exception(failure)
+
+    # -- reading -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite_utils.Database]:
+        """A read connection from the pool, inside one read transaction (one snapshot)."""
+        db = self._readers.get()
+        try:
+            db.conn.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.conn.execute("COMMIT")
+        finally:
+            self._readers.put(db)
+
+    def load_account(self, user_id: int) -> AccountState | None:
+        """The committed state of an account, or ``None`` if there is no such user."""
+        with self.reading() as db:
+            row = db.execute(
+                "SELECT version, control_mode FROM users WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            balances = dict.fromkeys(ASSETS, 0)
+            balances.update(
+                db.execute("SELECT asset, amount FROM balances WHERE user_id = ?", (user_id,)).fetchall()
+            )
+            trades = {
+                trade.trade_id: trade
+                for trade in map(trade_from_row, db.execute(
+                    f"SELECT {_TRADE_COLUMNS} FROM trades WHERE user_id = ? AND status = 'open'",
+                    (user_id,),
+                ).fetchall())
+            }
+        return AccountState(user_id, balances, row[0], row[1], trades)
+
+    def history(self, user_id: int, after_version: int = 0, limit: int = 100) -> list[Posted]:
+        """An account's entries with a version above ``after_version``, oldest first."""
+        with self.reading() as db:
+            rows = db.execute(
+                f"SELECT {_TX_COLUMNS} FROM transactions WHERE user_id = ? AND version > ? "
+                "ORDER BY version LIMIT ?",
+                (user_id, after_version, limit),
+            ).fetchall()
+        return [posted_from_row(row) for row in rows]
+
+    def trades(self, user_id: int | None = None, status: str | None = None) -> list[Trade]:
+        """Trades, by owner and by ``open`` / ``settled`` (settled: won, lost, draw)."""
+        clauses, params = [], []
+        if user_id is not None:
+            clauses.append("user_id = ?")
+            params.append(user_id)
+        if status == "open":
+            clauses.append("status = 'open'")
+        elif status == "settled":
+            clauses.append("status != 'open'")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self.reading() as db:
+            rows = db.execute(
+                f"SELECT {_TRADE_COLUMNS} FROM trades {where} ORDER BY opened_at, trade_id", params
+            ).fetchall()
+        return [trade_from_row(row) for row in rows]
+
+    def trade(self, trade_id: str) -> Trade | None:
+        """One trade by id."""
+        with self.reading() as db:
+            row = db.execute(f"SELECT {_TRADE_COLUMNS} FROM trades WHERE trade_id = ?", (trade_id,)).fetchone()
+        return None if row is None else trade_from_row(row)
+
+    def user(self, *, user_id: int | None = None, username: str | None = None) -> dict | None:
+        """A user row (with ``password_hash``) by id or by name."""
+        column, value = ("user_id", user_id) if user_id is not None else ("username", username)
+        with self.reading() as db:
+            rows = list(db.query(f"SELECT * FROM users WHERE {column} = ?", [value]))
+        return rows[0] if rows else None
+
+    def snapshots(self, user_id: int | None = None) -> list[dict]:
+        """Committed ``{user_id, username, role, balances, version, control_mode}``, one snapshot."""
+        where, params = ("WHERE u.user_id = ?", [user_id]) if user_id is not None else ("", [])
+        with self.reading() as db:
+            rows = db.execute(
+                "SELECT u.user_id, u.username, u.role, u.version, u.control_mode, b.asset, b.amount "
+                f"FROM users u JOIN balances b ON b.user_id = u.user_id {where} ORDER BY u.user_id",
+                params,
+            ).fetchall()
+        out: dict[int, dict] = {}
+        for user_id_, username, role, version, mode, asset, amount in rows:
+            snap = out.setdefault(user_id_, {
+                "user_id": user_id_, "username": username, "role": role,
+                "balances": dict.fromkeys(ASSETS, 0), "version": version, "control_mode": mode,
+            })
+            snap["balances"][asset] = amount
+        return list(out.values())
+
+    def remembered(self, caller_id: int, key: str) -> tuple[str, Any] | None:
+        """``(fingerprint, result)`` stored under an idempotency key, if any."""
+        with self.reading() as db:
+            row = db.execute(
+                "SELECT fingerprint, result FROM idempotency WHERE caller_id = ? AND key = ?",
+                (caller_id, key),
+            ).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]))

@@ -1,0 +1,153 @@
+"""The market: seeded random-walk prices, and the expiry of options trades.
+
+Trade expiry uses no thread per trade and no timer thread of its own: each open
+trade is one entry in the clock's timer heap, whose callback only ``tell``s this
+actor ``Expire``. Ticks reach the same actor the same way, so ticks and expiries
+are handled in clock order by one thread: a trade's exit price is the last price
+ticked at or before its expiry, and under the virtual clock every run with the
+same seed settles the same trades at the same prices. The actor then sends the
+owner's account actor ``SettleOption``; the account decides the outcome (admin
+force, control mode, market) and settles at most once.
+
+Prices are integer units of 1e-8 and move by whole basis points, so the walk is
+exact and the same on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import pykka
+
+from balancesim.actors._bus import EventBus
+from balancesim.actors._clock import Clock, Timer
+from balancesim.actors._messages import PriceTicked, SettleOption, Trade
+from balancesim.actors._reply import Reply
+from balancesim.money import UNIT
+
+__all__ = ["MarketActor", "PriceBoard", "START_PRICES", "sync"]
+
+START_PRICES = {"BTCUSDT": 65_000 * UNIT, "ETHUSDT": 3_500 * UNIT}
+
+
+class PriceBoard:
+    """The latest prices, written by the market actor and read by any thread.
+
+    Replacing the whole mapping is one reference assignment, so readers always
+    see one consistent tick.
+    """
+
+    def __init__(self, prices: Mapping[str, int]) -> None:
+        self.prices: Mapping[str, int] = dict(prices)
+        self.ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Tick:
+    ts: float
+
+
+@dataclass(frozen=True)
+class _Expire:
+    trade: Trade
+    note: Mapping[str, Any]
+    at: float
+
+
+@dataclass(frozen=True)
+class _Sync:
+    """Answered with the settlement replies sent so far, which it forgets."""
+
+
+class MarketActor(pykka.ThreadingActor):
+    """Price feed and expiry scheduler in one actor, both driven by the clock.
+
+    Args:
+        clock: drives ticks and expiries.
+        bus: where ticks are published.
+        settle: delivers a ``SettleOption`` (with its reply) to the owner's account.
+        board: where the latest prices are shown to other threads.
+        seed: the random walk's seed.
+        tick_s: simulated seconds between ticks.
+        step_bp: the largest move of one tick, in basis points.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        clock: Clock,
+        bus: EventBus,
+        settle: Callable[[SettleOption, Reply], None],
+        board: PriceBoard,
+        *,
+        seed: int = 0,
+        tick_s: float = 1.0,
+        step_bp: int = 10,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.bus = bus
+        self.settle = settle
+        self.rng = random.Random(seed)
+        self.board = board
+        self.tick_s = tick_s
+        self.step_bp = step_bp
+        self._ticker: Timer | None = None
+        self._settlements: list[Reply] = []
+
+    def on_start(self) -> None:
+        self.board.ts = self.clock.now()
+        self.bus.publish([PriceTicked(self.board.prices, self.board.ts)])
+        self._ticker = self.clock.call_every(
+            self.clock.scaled(self.tick_s), lambda: _tell(self.actor_ref, _Tick(self.clock.now()))
+        )
+
+    def on_stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+
+    @staticmethod
+    def schedule(ref: pykka.ActorRef[Any], clock: Clock, trade: Trade, note: Mapping[str, Any] | None = None) -> None:
+        """Have the market at ``ref`` expire ``trade`` at its ``expires_at`` (at once if past)."""
+        expire = _Expire(trade, dict(note or {}), max(trade.expires_at, clock.now()))
+        clock.call_at(trade.expires_at, lambda: _tell(ref, expire))
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _Tick):
+            prices = {
+                symbol: max(1, price + price * self.rng.randint(-self.step_bp, self.step_bp) // 10_000)
+                for symbol, price in self.board.prices.items()
+            }
+            self.board.prices, self.board.ts = prices, message.ts
+            self.bus.publish([PriceTicked(prices, message.ts)])
+        elif isinstance(message, _Expire):
+            trade = message.trade
+            reply = Reply()
+            self._settlements.append(reply)
+            self.settle(
+                SettleOption(
+                    trade.user_id, trade.trade_id, self.board.prices[trade.symbol], message.at,
+                    message.note,
+                ),
+                reply,
+            )
+        elif isinstance(message, _Sync):
+            done, self._settlements = self._settlements, []
+            return done
+        return None
+
+
+
+def sync(ref: pykka.ActorRef[Any], timeout_s: float = 10.0) -> list[Reply]:
+    """Wait until the market has handled everything told so far; its settlement replies."""
+    return ref.ask(_Sync(), timeout=timeout_s)
+
+
+def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass  # the engine is stopping; the ledger keeps open trades for the next start

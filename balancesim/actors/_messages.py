@@ -1,0 +1,222 @@
+"""Message types: commands (imperative), events (past tense), and replies.
+
+Every record is a small frozen dataclass so it can cross threads without copies.
+Amounts and prices are integer units of 1e-8; times are seconds since the epoch
+as given by the engine's clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = [
+    "ASSETS",
+    "SYMBOLS",
+    "CONTROL_MODES",
+    "Trade",
+    "Deposit",
+    "Withdraw",
+    "Adjust",
+    "OpenOption",
+    "ForceOption",
+    "SettleOption",
+    "PlaceSpotOrder",
+    "SetControlMode",
+    "Command",
+    "Posted",
+    "OptionOpened",
+    "OptionForced",
+    "OptionSettled",
+    "ControlModeSet",
+    "PriceTicked",
+    "Event",
+    "Confirmed",
+    "Rejected",
+]
+
+ASSETS = ("USDT", "BTC", "ETH")
+SYMBOLS = {"BTCUSDT": "BTC", "ETHUSDT": "ETH"}
+CONTROL_MODES = ("normal", "win", "lose")
+
+
+@dataclass(frozen=True)
+class Trade:
+    """An options trade; ``status`` is ``open`` until it settles exactly once."""
+
+    trade_id: str
+    user_id: int
+    symbol: str
+    direction: str
+    amount: int
+    duration: int
+    payout_rate: int
+    entry_price: int
+    opened_at: float
+    expires_at: float
+    status: str = "open"
+    exit_price: int | None = None
+    decided_by: str | None = None
+    settled_at: float | None = None
+    payout: int | None = None
+    forced_outcome: str | None = None
+    forced_by: int | None = None
+
+
+# Commands. ``initiated_by`` is the user id of whoever asked (None for the engine).
+
+
+@dataclass(frozen=True)
+class Deposit:
+    user_id: int
+    amount: int
+    asset: str = "USDT"
+    description: str = ""
+    initiated_by: int | None = None
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    user_id: int
+    amount: int
+    asset: str = "USDT"
+    description: str = ""
+    initiated_by: int | None = None
+
+
+@dataclass(frozen=True)
+class Adjust:
+    """A signed correction; the balance may never go below zero."""
+
+    user_id: int
+    amount: int
+    asset: str = "USDT"
+    description: str = ""
+    initiated_by: int | None = None
+
+
+@dataclass(frozen=True)
+class OpenOption:
+    user_id: int
+    symbol: str
+    direction: str
+    amount: int
+    duration: int
+    payout_rate: int
+    entry_price: int
+    initiated_by: int | None = None
+    # Wall-clock seconds to expiry; shorter than ``duration`` under a time scale.
+    expires_in_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ForceOption:
+    user_id: int
+    trade_id: str
+    outcome: str
+    admin_id: int
+
+
+@dataclass(frozen=True)
+class SettleOption:
+    """Sent at expiry. ``at`` is the settlement time; ``note`` lands in the metadata."""
+
+    user_id: int
+    trade_id: str
+    exit_price: int
+    at: float
+    note: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlaceSpotOrder:
+    user_id: int
+    symbol: str
+    side: str
+    quantity: int
+    price: int
+    initiated_by: int | None = None
+
+
+@dataclass(frozen=True)
+class SetControlMode:
+    user_id: int
+    mode: str
+    set_by: int
+
+
+Command = (
+    Deposit | Withdraw | Adjust | OpenOption | ForceOption | SettleOption
+    | PlaceSpotOrder | SetControlMode
+)
+
+
+# Events: what happened, in the order it happened to one account.
+
+
+@dataclass(frozen=True)
+class Posted:
+    """One ledger entry: a signed change of one asset, with the account's next version.
+
+    ``transaction_id`` is 0 until the ledger writer numbers it at commit.
+    """
+
+    user_id: int
+    version: int
+    asset: str
+    amount: int
+    balance_after: int
+    type: str
+    description: str
+    metadata: Mapping[str, Any]
+    ts: float
+    initiated_by: int | None
+    transaction_id: int = 0
+
+
+@dataclass(frozen=True)
+class OptionOpened:
+    trade: Trade
+
+
+@dataclass(frozen=True)
+class OptionForced:
+    trade: Trade
+
+
+@dataclass(frozen=True)
+class OptionSettled:
+    trade: Trade
+
+
+@dataclass(frozen=True)
+class ControlModeSet:
+    user_id: int
+    mode: str
+    set_by: int
+    ts: float
+
+
+@dataclass(frozen=True)
+class PriceTicked:
+    """The market moved; ``prices`` maps symbol to price units. Not a ledger event."""
+
+    prices: Mapping[str, int]
+    ts: float
+
+
+Event = Posted | OptionOpened | OptionForced | OptionSettled | ControlModeSet
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """``decide`` accepted the command: these events happen, in this order."""
+
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """``decide`` refused the command; ``error`` carries the PROTOCOL.md code."""
+
+    error: Exception

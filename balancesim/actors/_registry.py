@@ -1,0 +1,107 @@
+"""Activation and passivation of account actors.
+
+pykka's own ``ActorRegistry`` is one global list scanned on every start and stop,
+so lookups go through this registry's dict instead, and only recently used
+accounts keep a live actor (one thread each): an account idle for ``idle_s`` — or
+the least recently used one once ``max_live`` are live — is stopped, and the next
+message to it starts a fresh actor that loads its state from the ledger.
+
+Every ``tell`` happens under the registry's lock, so no message can reach an
+actor after the registry decided to stop it; a successor waits for its
+predecessor to finish before it loads, so no state is ever read stale.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import pykka
+
+from balancesim.actors._account import AccountActor
+from balancesim.actors._clock import Clock
+from balancesim.actors._ledger import Ledger
+
+__all__ = ["AccountRegistry"]
+
+
+class AccountRegistry:
+    """Finds or starts the actor of an account; passivates idle ones.
+
+    Args:
+        ledger: handed to every account actor.
+        clock: handed to every account actor.
+        idle_s: how long an account may be unused before its actor stops.
+        max_live: the most actors kept live at once.
+    """
+
+    def __init__(self, ledger: Ledger, clock: Clock, *, idle_s: float = 60.0, max_live: int = 2000) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self.idle_s = idle_s
+        self.max_live = max_live
+        self.activations = 0
+        self.passivations = 0
+        self._live: OrderedDict[int, tuple[pykka.ActorRef[Any], float]] = OrderedDict()
+        self._stopping: dict[int, pykka.ActorRef[Any]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="AccountSweeper", daemon=True)
+        self._sweeper.start()
+
+    def tell(self, user_id: int, message: Any) -> None:
+        """Deliver ``message`` to the account's actor, starting it if needed."""
+        with self._lock:
+            entry = self._live.pop(user_id, None)
+            ref = entry[0] if entry is not None else self._activate(user_id)
+            self._live[user_id] = (ref, time.monotonic())
+            ref.tell(message)
+            while len(self._live) > self.max_live:
+                self._passivate(next(iter(self._live)))
+
+    def live_count(self) -> int:
+        """How many account actors are live."""
+        with self._lock:
+            return len(self._live)
+
+    def passivate_idle(self, idle_s: float | None = None) -> int:
+        """Stop every actor unused for ``idle_s`` (default: the configured one)."""
+        limit = time.monotonic() - (self.idle_s if idle_s is None else idle_s)
+        with self._lock:
+            idle = [uid for uid, (_, used) in self._live.items() if used <= limit]
+            for user_id in idle:
+                self._passivate(user_id)
+        return len(idle)
+
+    def stop_all(self) -> None:
+        """Stop every actor and wait until each has drained its in-flight commits."""
+        self._closed.set()
+        with self._lock:
+            for user_id in list(self._live):
+                self._passivate(user_id)
+            stopping = list(self._stopping.values())
+            self._stopping.clear()
+        for ref in stopping:
+            ref.actor_stopped.wait()
+
+    def _activate(self, user_id: int) -> pykka.ActorRef[Any]:
+        predecessor = self._stopping.pop(user_id, None)
+        if predecessor is not None and predecessor.actor_stopped.is_set():
+            predecessor = None
+        self.activations += 1
+        return AccountActor.start(user_id, self.ledger, self.clock, predecessor)
+
+    def _passivate(self, user_id: int) -> None:
+        ref, _ = self._live.pop(user_id)
+        ref.stop(block=False)
+        self._stopping[user_id] = ref
+        self.passivations += 1
+
+    def _sweep(self) -> None:
+        while not self._closed.wait(timeout=max(0.05, self.idle_s / 2)):
+            self.passivate_idle()
+            with self._lock:
+                for user_id in [u for u, ref in self._stopping.items() if ref.actor_stopped.is_set()]:
+                    del self._stopping[user_id]

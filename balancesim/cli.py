@@ -1,0 +1,141 @@
+"""The ``balancesim`` command line: each command parses, makes one library call,
+and turns domain errors into ``click.ClickException``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from balancesim import errors, reports
+from balancesim.actors import connect, create_schema, insert_user
+from balancesim.auth import ROLES, hash_password
+
+__all__ = ["cli"]
+
+
+def db_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--db F``: the ledger file."""
+    return click.option(
+        "--db", "db_path", default="balancesim.db", show_default=True,
+        type=click.Path(dir_okay=False), help="The SQLite ledger file.",
+    )(func)
+
+
+def existing_db_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--db F``: a ledger file that must exist."""
+    return click.option(
+        "--db", "db_path", required=True, type=click.Path(exists=True, dir_okay=False),
+        help="The SQLite ledger file.",
+    )(func)
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json``: machine-readable output."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(func)
+
+
+def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Map domain and file errors to a one-line ``Error: …`` and exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (errors.BalancesimError, FileNotFoundError) as error:
+            raise click.ClickException(str(error)) from error
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="balancesim")
+def cli() -> None:
+    """balancesim: actor-model balance synchronization on a simulated trading platform."""
+
+
+@cli.group()
+def users() -> None:
+    """Manage accounts."""
+
+
+@users.command("create")
+@db_option
+@click.option("--username", required=True, help="Unique login name.")
+@click.option("--password", required=True, help="Login password (stored as a scrypt hash).")
+@click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@domain_errors
+def users_create(db_path: str, username: str, password: str, role: str) -> None:
+    """Create an account and print its user_id (a server may be running on the file)."""
+    import time
+
+    db = connect(db_path)
+    create_schema(db)
+    user_id = insert_user(db, username, role, hash_password(password), time.time())
+    db.close()
+    click.echo(user_id)
+
+
+@cli.group()
+def ledger() -> None:
+    """Inspect and check a ledger file."""
+
+
+@ledger.command("verify")
+@existing_db_option
+@domain_errors
+def ledger_verify(db_path: str) -> None:
+    """Recompute every balance from the entries; exit 1 if any invariant fails."""
+    report = reports.verify(db_path)
+    click.echo(report.text())
+    sys.exit(0 if report.ok else 1)
+
+
+@ledger.command("history")
+@existing_db_option
+@click.option("--user", "user", required=True, help="A user_id or a username.")
+@json_option
+@domain_errors
+def ledger_history(db_path: str, user: str, as_json: bool) -> None:
+    """An account's entries, oldest first."""
+    entries = reports.history(db_path, user)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        click.echo(
+            f"v{e['version']:<5} {e['ts']}  {e['type']:<14} {e['amount']:>18} {e['asset']:<4} "
+            f"→ {e['balance_after']:>18}  {e['description']}"
+        )
+
+
+@ledger.command("audit")
+@existing_db_option
+@json_option
+@domain_errors
+def ledger_audit(db_path: str, as_json: bool) -> None:
+    """Every settlement not decided by the market, per account, with counts and totals."""
+    result = reports.audit(db_path)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"{result['count']} settlement(s) not decided by the market; stakes {result['stakes']} USDT, "
+        f"payouts {result['payouts']} USDT"
+    )
+    for acct in result["accounts"]:
+        deciders = ", ".join(f"{name} × {n}" for name, n in sorted(acct["by_decider"].items()))
+        click.echo(
+            f"  user {acct['user_id']} ({acct['username']}): {acct['count']} forced, stakes "
+            f"{acct['stakes']}, payouts {acct['payouts']} [{deciders}]"
+        )
+        for change in acct["control_changes"]:
+            click.echo(f"    mode → {change['mode']} by user {change['set_by']} at {change['ts']}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,194 @@
+"""Read-only reports over a ledger file: verify, history, audit.
+
+They open the file themselves (a server may be running on it) and never write.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from balancesim.actors import ASSETS, transaction_view
+from balancesim.actors._ledger import _TX_COLUMNS, connect, posted_from_row
+from balancesim.errors import UnknownUser
+from balancesim.money import format_amount
+
+__all__ = ["VerifyReport", "verify", "history", "audit"]
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: ``ok`` when ``problems`` is empty."""
+
+    accounts: int = 0
+    entries: int = 0
+    trades: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self, limit: int = 50) -> str:
+        """A readable report."""
+        head = f"{self.accounts} accounts, {self.entries} entries, {self.trades} trades checked"
+        if self.ok:
+            return f"ledger OK: {head}"
+        lines = [f"ledger BROKEN: {len(self.problems)} problem(s); {head}"]
+        lines += [f"  - {problem}" for problem in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"  … and {len(self.problems) - limit} more")
+        return "\n".join(lines)
+
+
+def _open(path: str) -> sqlite_utils.Database:
+    db = connect(path)
+    if "transactions" not in db.table_names():
+        raise FileNotFoundError(f"{path} is not a balancesim ledger")
+    return db
+
+
+def verify(path: str) -> VerifyReport:
+    """Recompute every balance from the entries and check every invariant.
+
+    Checks: versions run 1, 2, 3 … per account with no gap; each entry's
+    ``balance_after`` is the running sum of its asset and never below zero; the
+    stored balances and versions equal the recomputed ones; every spot order has
+    both legs; every trade has its stake and exactly the settlement its status says.
+    """
+    report = VerifyReport()
+    db = _open(path)
+    with db.conn:
+        users = {row[0]: row[1] for row in db.execute("SELECT user_id, version FROM users")}
+        stored = defaultdict(dict)
+        for user_id, asset, amount in db.execute("SELECT user_id, asset, amount FROM balances"):
+            stored[user_id][asset] = amount
+        report.accounts = len(users)
+        running: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ASSETS, 0))
+        last_version: dict[int, int] = defaultdict(int)
+        legs: dict[str, list[str]] = defaultdict(list)
+        by_trade: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        problems = report.problems
+        for (tx_id, user_id, asset, amount, after, type_, metadata, version) in db.execute(
+            "SELECT transaction_id, user_id, asset, amount, balance_after, type, metadata, version "
+            "FROM transactions ORDER BY user_id, version"
+        ):
+            report.entries += 1
+            where = f"account {user_id} v{version} (transaction {tx_id})"
+            if user_id not in users:
+                problems.append(f"{where}: no such user")
+            if version != last_version[user_id] + 1:
+                problems.append(f"{where}: version gap, expected v{last_version[user_id] + 1}")
+            last_version[user_id] = version
+            running[user_id][asset] = running[user_id].get(asset, 0) + amount
+            if running[user_id][asset] != after:
+                problems.append(
+                    f"{where}: balance_after {format_amount(after)} {asset} but the entries sum to "
+                    f"{format_amount(running[user_id][asset])}"
+                )
+            if after < 0:
+                problems.append(f"{where}: {asset} balance below zero ({format_amount(after)})")
+            meta = json.loads(metadata)
+            if type_ in ("spot_buy", "spot_sell"):
+                legs[meta.get("order_id", f"?{tx_id}")].append(asset)
+            if type_.startswith("option_"):
+                by_trade[meta.get("trade_id", f"?{tx_id}")].append((type_, amount))
+        for user_id, version in users.items():
+            if version != last_version[user_id]:
+                problems.append(
+                    f"account {user_id}: stored version {version} but entries end at v{last_version[user_id]}"
+                )
+            for asset in ASSETS:
+                have, want = stored[user_id].get(asset, 0), running[user_id].get(asset, 0)
+                if have != want:
+                    problems.append(
+                        f"account {user_id}: stored {asset} balance {format_amount(have)} but the "
+                        f"entries sum to {format_amount(want)}"
+                    )
+        for order_id, assets in legs.items():
+            if len(assets) != 2 or "USDT" not in assets:
+                problems.append(f"spot order {order_id}: has legs {assets}, expected USDT and one asset")
+        expected_entry = {"won": "option_payout", "draw": "option_refund"}
+        for trade_id, amount, status, payout in db.execute(
+            "SELECT trade_id, amount, status, payout FROM trades"
+        ):
+            report.trades += 1
+            entries = by_trade.pop(trade_id, [])
+            want = [("option_stake", -amount)]
+            if status in expected_entry:
+                want.append((expected_entry[status], payout))
+            if sorted(entries) != sorted(want):
+                problems.append(f"trade {trade_id} ({status}): entries {entries}, expected {want}")
+        for trade_id, entries in by_trade.items():
+            problems.append(f"trade {trade_id}: entries {entries} but no such trade")
+    db.close()
+    return report
+
+
+def history(path: str, user: str) -> list[dict[str, Any]]:
+    """An account's entries, oldest first; ``user`` is a user id or a username."""
+    db = _open(path)
+    with db.conn:
+        column = "user_id" if user.isdigit() else "username"
+        row = db.execute(f"SELECT user_id FROM users WHERE {column} = ?", (user,)).fetchone()
+        if row is None:
+            raise UnknownUser(f"no user {user!r}")
+        rows = db.execute(
+            f"SELECT {_TX_COLUMNS} FROM transactions WHERE user_id = ? ORDER BY version", (row[0],)
+        ).fetchall()
+    db.close()
+    return [transaction_view(posted_from_row(r)) for r in rows]
+
+
+def audit(path: str) -> dict[str, Any]:
+    """Every settlement not decided by the market, grouped by account.
+
+    Returns:
+        ``{"accounts": [{user_id, username, count, stakes, payouts, by_decider,
+        control_changes, trades}], "count", "stakes", "payouts"}`` with amounts
+        as decimal strings.
+    """
+    db = _open(path)
+    with db.conn:
+        names = dict(db.execute("SELECT user_id, username FROM users").fetchall())
+        changes = defaultdict(list)
+        for user_id, mode, set_by, ts in db.execute(
+            "SELECT user_id, mode, set_by, ts FROM control_changes ORDER BY id"
+        ):
+            changes[user_id].append({"mode": mode, "set_by": set_by, "ts": ts})
+        rows = db.execute(
+            "SELECT trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout "
+            "FROM trades WHERE status != 'open' AND decided_by != 'market' ORDER BY user_id, settled_at"
+        ).fetchall()
+    db.close()
+    accounts: dict[int, dict[str, Any]] = {}
+    totals = {"count": 0, "stakes": 0, "payouts": 0}
+    for trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout in rows:
+        acct = accounts.setdefault(user_id, {
+            "user_id": user_id, "username": names.get(user_id), "count": 0, "stakes": 0,
+            "payouts": 0, "by_decider": defaultdict(int), "control_changes": changes.get(user_id, []),
+            "trades": [],
+        })
+        for bucket in (acct, totals):
+            bucket["count"] += 1
+            bucket["stakes"] += amount
+            bucket["payouts"] += payout or 0
+        acct["by_decider"][decided_by] += 1
+        acct["trades"].append({
+            "trade_id": trade_id, "symbol": symbol, "direction": direction,
+            "amount": format_amount(amount), "status": status, "decided_by": decided_by,
+            "settled_at": settled_at, "payout": format_amount(payout or 0),
+        })
+    for acct in accounts.values():
+        acct["stakes"], acct["payouts"] = format_amount(acct["stakes"]), format_amount(acct["payouts"])
+        acct["by_decider"] = dict(acct["by_decider"])
+    return {
+        "accounts": list(accounts.values()),
+        "count": totals["count"],
+        "stakes": format_amount(totals["stakes"]),
+        "payouts": format_amount(totals["payouts"]),
+    }
