@@ -67,8 +67,11 @@ class AccountActor(pykka.ThreadingActor):
         user_id: the account.
         ledger: where decisions are committed and state is loaded from.
         clock: gives each decision its time.
-        predecessor: a passivated actor of the same account that may still be
-            finishing; this one starts only after it has stopped.
+        drained: set once this actor has stopped and its in-flight commits are
+            answered. (pykka's ``actor_stopped`` is set before ``on_stop`` runs,
+            so it cannot tell a successor that the ledger is settled.)
+        predecessor: the ``drained`` event of a passivated actor of the same
+            account; this one loads its state only after it is set.
     """
 
     use_daemon_thread = True
@@ -78,24 +81,27 @@ class AccountActor(pykka.ThreadingActor):
         user_id: int,
         ledger: Ledger,
         clock: Clock,
-        predecessor: pykka.ActorRef[Any] | None = None,
+        drained: threading.Event,
+        predecessor: threading.Event | None = None,
     ) -> None:
         super().__init__()
         self.user_id = user_id
         self.ledger = ledger
         self.clock = clock
+        self.drained = drained
         self.predecessor = predecessor
         self.state = AccountState(user_id)
         self._in_flight = _InFlight()
 
     def on_start(self) -> None:
         if self.predecessor is not None:
-            self.predecessor.actor_stopped.wait()
+            self.predecessor.wait()
             self.predecessor = None
         self._load()
 
     def on_stop(self) -> None:
         self._in_flight.wait_zero()
+        self.drained.set()
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, _Reload):

@@ -45,7 +45,8 @@ class AccountRegistry:
         self.activations = 0
         self.passivations = 0
         self._live: OrderedDict[int, tuple[pykka.ActorRef[Any], float]] = OrderedDict()
-        self._stopping: dict[int, pykka.ActorRef[Any]] = {}
+        self._drained: dict[int, threading.Event] = {}
+        self._stopping: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="AccountSweeper", daemon=True)
@@ -83,25 +84,27 @@ class AccountRegistry:
                 self._passivate(user_id)
             stopping = list(self._stopping.values())
             self._stopping.clear()
-        for ref in stopping:
-            ref.actor_stopped.wait()
+        for drained in stopping:
+            drained.wait()
 
     def _activate(self, user_id: int) -> pykka.ActorRef[Any]:
         predecessor = self._stopping.pop(user_id, None)
-        if predecessor is not None and predecessor.actor_stopped.is_set():
+        if predecessor is not None and predecessor.is_set():
             predecessor = None
+        drained = threading.Event()
+        self._drained[user_id] = drained
         self.activations += 1
-        return AccountActor.start(user_id, self.ledger, self.clock, predecessor)
+        return AccountActor.start(user_id, self.ledger, self.clock, drained, predecessor)
 
     def _passivate(self, user_id: int) -> None:
         ref, _ = self._live.pop(user_id)
         ref.stop(block=False)
-        self._stopping[user_id] = ref
+        self._stopping[user_id] = self._drained.pop(user_id)
         self.passivations += 1
 
     def _sweep(self) -> None:
         while not self._closed.wait(timeout=max(0.05, self.idle_s / 2)):
             self.passivate_idle()
             with self._lock:
-                for user_id in [u for u, ref in self._stopping.items() if ref.actor_stopped.is_set()]:
+                for user_id in [u for u, drained in self._stopping.items() if drained.is_set()]:
                     del self._stopping[user_id]
