@@ -26,6 +26,7 @@ from balancesim.actors import (
     Ledger,
     MarketActor,
     OpenOption,
+    OptionOpened,
     PlaceSpotOrder,
     PriceBoard,
     RealClock,
@@ -94,6 +95,7 @@ class Engine:
         )
         self.bus = EventBus()
         self.ledger = Ledger(db_path, batch_max=batch_max)
+        self.ledger.on_commit(self._schedule_opened)
         self.ledger.on_commit(self.bus.publish)
         self.registry = AccountRegistry(self.ledger, self.clock, idle_s=idle_s, max_live=max_live)
         self.board = PriceBoard(prices)
@@ -209,9 +211,7 @@ class Engine:
                 expires_in_s=self.clock.scaled(duration),
             )
 
-        reply = self._submit(user_id, build, "option", params, user_id, idempotency_key)
-        reply.add_done_callback(self._schedule_opened)
-        return reply
+        return self._submit(user_id, build, "option", params, user_id, idempotency_key)
 
     def force_option(self, trade_id: str, outcome: str, admin_id: int,
                      *, idempotency_key: str | None = None) -> Reply:
@@ -366,14 +366,13 @@ class Engine:
     def _settle(self, command: SettleOption, reply: Reply) -> None:
         self.registry.tell(command.user_id, Request(command, reply))
 
-    def _schedule_opened(self, reply: Reply) -> None:
-        try:
-            trade_id = reply.get(timeout=0)["trade"]["trade_id"]
-        except errors.BalancesimError:
-            return
-        trade = self.ledger.trade(trade_id)
-        if trade is not None and self._market is not None:
-            MarketActor.schedule(self._market, self.clock, trade)
+    def _schedule_opened(self, events: list[Any]) -> None:
+        # The writer publishes before it completes replies, so a trade's expiry is
+        # on the clock before anyone learns that the trade is open.
+        market = self._market
+        for event in events:
+            if isinstance(event, OptionOpened) and market is not None:
+                MarketActor.schedule(market, self.clock, event.trade)
 
     @staticmethod
     def _snapshot_view(snap: dict[str, Any]) -> dict[str, Any]:

@@ -112,8 +112,12 @@ class MarketActor(pykka.ThreadingActor):
     @staticmethod
     def schedule(ref: pykka.ActorRef[Any], clock: Clock, trade: Trade, note: Mapping[str, Any] | None = None) -> None:
         """Have the market at ``ref`` expire ``trade`` at its ``expires_at`` (at once if past)."""
-        expire = _Expire(trade, dict(note or {}), max(trade.expires_at, clock.now()))
-        clock.call_at(trade.expires_at, lambda: _tell(ref, expire))
+        now = clock.now()
+        expire = _Expire(trade, dict(note or {}), max(trade.expires_at, now))
+        if trade.expires_at <= now:
+            _tell(ref, expire)
+        else:
+            clock.call_at(trade.expires_at, lambda: _tell(ref, expire))
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _Tick):
