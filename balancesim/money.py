@@ -17,7 +17,7 @@ __all__ = ["UNIT", "MAX_AMOUNT_UNITS", "parse_amount", "format_amount", "mul_uni
 UNIT = 10**8
 MAX_AMOUNT_UNITS = 1_000_000_000 * UNIT
 
-_PLAIN = re.compile(r"(-?)(\d+)(?:\.(\d{1,8}))?\Z")
+_PLAIN = re.compile(r"(-?)([0-9]+)(?:\.([0-9]{1,8}))?\Z")
 
 
 def parse_amount(value: object, *, signed: bool = False, field: str = "amount") -> int:

@@ -261,6 +261,7 @@ class Ledger:
         self._poisoned: set[int] = set()
         self._listeners: list[Callable[[list[Event]], None]] = []
         self._fault: Exception | None = None
+        self._fault_times: int | None = None
         self.commits = 0
         self.committed_submissions = 0
         row = self._db.execute("SELECT COALESCE(MAX(transaction_id), 0) FROM transactions").fetchone()
@@ -298,9 +299,10 @@ class Ledger:
         self._queue.put(barrier)
         return barrier.reply
 
-    def inject_fault(self, error: Exception | None) -> None:
-        """Make every commit fail with ``error`` until called with ``None`` (tests)."""
+    def inject_fault(self, error: Exception | None, *, times: int | None = None) -> None:
+        """Make commits fail with ``error``: the next ``times`` ones, or all until cleared."""
         self._fault = error
+        self._fault_times = times
 
     def close(self) -> None:
         """Commit what is queued, stop the writer and close every connection."""
@@ -376,7 +378,12 @@ class Ledger:
 
     def _write(self, numbered: list, results: list, users: list[_CreateUser]) -> list:
         if self._fault is not None:
-            raise self._fault
+            error = self._fault
+            if self._fault_times is not None:
+                self._fault_times -= 1
+                if self._fault_times <= 0:
+                    self._fault = None
+            raise error
         db = self._db
         tx_rows, balances, versions, trades, controls, keys = [], {}, {}, [], [], []
         for (sub, events), result in zip(numbered, results):
