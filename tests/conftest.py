@@ -1,0 +1,70 @@
+"""Shared fixtures: an engine on a temporary ledger, stopped after every test."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pykka
+import pytest
+
+from balancesim.actors import VirtualClock
+from balancesim.engine import Engine
+
+TIMEOUT_S = 10
+
+
+@pytest.fixture
+def db_path(tmp_path) -> str:
+    return str(tmp_path / "ledger.db")
+
+
+@pytest.fixture
+def make_engine(db_path) -> Iterator:
+    """Start engines on the test's ledger (virtual clock, cheap passwords); stop them all."""
+    engines: list[Engine] = []
+
+    def make(**kwargs) -> Engine:
+        kwargs.setdefault("clock", VirtualClock())
+        kwargs.setdefault("password_cost", 2)
+        engine = Engine(kwargs.pop("path", db_path), **kwargs).start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        if engine.ledger._thread.is_alive():
+            engine.stop()
+    pykka.ActorRegistry.stop_all()
+
+
+@pytest.fixture
+def engine(make_engine) -> Engine:
+    return make_engine()
+
+
+def new_user(engine: Engine, name: str, role: str = "user", usdt: str | None = None) -> int:
+    """Create a user (and fund it) and return its id."""
+    user_id = engine.create_user(name, f"{name}-pw", role).get(timeout=TIMEOUT_S)["user_id"]
+    if usdt is not None:
+        engine.deposit(user_id, usdt).get(timeout=TIMEOUT_S)
+    return user_id
+
+
+class Recorder:
+    """Collects every event the bus publishes, in order."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def __call__(self, batch: list) -> None:
+        self.events.extend(batch)
+
+    def of(self, kind: type) -> list:
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+@pytest.fixture
+def recorder(engine) -> Recorder:
+    rec = Recorder()
+    engine.subscribe(rec)
+    return rec

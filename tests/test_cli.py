@@ -1,0 +1,110 @@
+"""The command line, through click's CliRunner: exit codes and exact output."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from balancesim.cli import cli
+from tests.conftest import TIMEOUT_S, new_user
+
+
+def all_commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", list(all_commands(cli)), ids=" ".join)
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 3
+
+
+def test_users_create_prints_the_new_user_id_and_refuses_a_taken_name(db_path):
+    runner = CliRunner()
+    first = runner.invoke(cli, ["users", "create", "--db", db_path, "--username", "ann", "--password", "pw"])
+    assert (first.exit_code, first.output) == (0, "1\n")
+    again = runner.invoke(cli, ["users", "create", "--db", db_path, "--username", "ann", "--password", "x"])
+    assert again.exit_code == 1
+    assert again.output == "Error: username 'ann' is taken\n"
+
+
+@pytest.fixture
+def filled(make_engine, db_path):
+    engine = make_engine()
+    alice = new_user(engine, "alice", usdt="100")
+    engine.spot_order(alice, "BTCUSDT", "buy", "0.0001").get(timeout=TIMEOUT_S)
+    engine.set_control_mode(alice, "win", 1).get(timeout=TIMEOUT_S)
+    engine.open_option(alice, "BTCUSDT", "down", "10", 30).get(timeout=TIMEOUT_S)
+    engine.advance(31)
+    engine.stop()
+    return db_path
+
+
+def test_ledger_verify_passes_on_a_good_file(filled):
+    result = CliRunner().invoke(cli, ["ledger", "verify", "--db", filled])
+    assert result.exit_code == 0
+    assert result.output == "ledger OK: 1 accounts, 5 entries, 1 trades checked\n"
+
+
+def test_ledger_verify_fails_with_a_report_on_a_tampered_file(filled):
+    with sqlite3.connect(filled) as conn:
+        conn.execute("UPDATE transactions SET amount = amount + 1 WHERE version = 1")
+        conn.execute("DELETE FROM transactions WHERE version = 2")
+    result = CliRunner().invoke(cli, ["ledger", "verify", "--db", filled])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0].startswith("ledger BROKEN: ")
+    assert "  - account 1 v1 (transaction 1): balance_after 100 USDT but the entries sum to 100.00000001" in lines
+    assert "  - account 1 v3 (transaction 3): version gap, expected v2" in lines
+    assert any("spot order S1-2" in line for line in lines)
+
+
+def test_ledger_verify_catches_a_negative_balance_and_a_wrong_stored_balance(filled):
+    with sqlite3.connect(filled) as conn:
+        conn.execute("UPDATE balances SET amount = 5 WHERE asset = 'ETH'")
+    result = CliRunner().invoke(cli, ["ledger", "verify", "--db", filled])
+    assert result.exit_code == 1
+    assert "  - account 1: stored ETH balance 0.00000005 but the entries sum to 0" in result.output
+
+
+def test_ledger_history_lists_entries_oldest_first(filled):
+    result = CliRunner().invoke(cli, ["ledger", "history", "--db", filled, "--user", "alice", "--json"])
+    assert result.exit_code == 0
+    entries = json.loads(result.output)
+    assert [e["version"] for e in entries] == [1, 2, 3, 4, 5]
+    assert [e["type"] for e in entries] == ["deposit", "spot_buy", "spot_buy", "option_stake", "option_payout"]
+    text = CliRunner().invoke(cli, ["ledger", "history", "--db", filled, "--user", "1"])
+    assert text.exit_code == 0 and len(text.output.splitlines()) == 5
+
+
+def test_ledger_history_of_an_unknown_user_is_an_error(filled):
+    result = CliRunner().invoke(cli, ["ledger", "history", "--db", filled, "--user", "nobody"])
+    assert (result.exit_code, result.output) == (1, "Error: no user 'nobody'\n")
+
+
+def test_ledger_audit_lists_forced_settlements_per_account(filled):
+    result = CliRunner().invoke(cli, ["ledger", "audit", "--db", filled, "--json"])
+    assert result.exit_code == 0
+    audit = json.loads(result.output)
+    assert (audit["count"], audit["stakes"], audit["payouts"]) == (1, "10", "11")
+    (account,) = audit["accounts"]
+    assert account["by_decider"] == {"control_mode:win": 1}
+    assert [c["mode"] for c in account["control_changes"]] == ["win"]
+    text = CliRunner().invoke(cli, ["ledger", "audit", "--db", filled])
+    assert text.output.splitlines()[:2] == [
+        "1 settlement(s) not decided by the market; stakes 10 USDT, payouts 11 USDT",
+        "  user 1 (alice): 1 forced, stakes 10, payouts 11 [control_mode:win × 1]",
+    ]
+
+
+def test_a_missing_ledger_file_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["ledger", "verify", "--db", str(tmp_path / "none.db")])
+    assert result.exit_code == 2
