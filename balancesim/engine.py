@@ -63,6 +63,7 @@ class Engine:
         seed: the market's seed.
         idle_s: how long an account actor may idle before it is passivated.
         max_live: the most account actors live at once.
+        threads: the account dispatcher's worker threads.
         payout_rates: profit rate per duration, as decimal strings.
         start_prices: symbol → decimal string, the market's first prices.
         password_cost: scrypt's N for new passwords.
@@ -76,7 +77,8 @@ class Engine:
         clock: Clock | None = None,
         seed: int = 0,
         idle_s: float = 60.0,
-        max_live: int = 2000,
+        max_live: int = 10_000,
+        threads: int = 2,
         payout_rates: Mapping[int, str] | None = None,
         start_prices: Mapping[str, str] | None = None,
         password_cost: int = DEFAULT_COST,
@@ -97,7 +99,9 @@ class Engine:
         self.ledger = Ledger(db_path, batch_max=batch_max)
         self.ledger.on_commit(self._schedule_opened)
         self.ledger.on_commit(self.bus.publish)
-        self.registry = AccountRegistry(self.ledger, self.clock, idle_s=idle_s, max_live=max_live)
+        self.registry = AccountRegistry(
+            self.ledger, self.clock, idle_s=idle_s, max_live=max_live, threads=threads
+        )
         self.board = PriceBoard(prices)
         self._market: pykka.ActorRef[Any] | None = None
         self._known_users: set[int] = set()

@@ -11,6 +11,7 @@ import pykka
 from balancesim.actors._clock import Clock
 from balancesim.actors._ledger import Ledger, Submission
 from balancesim.actors._messages import Command, Rejected
+from balancesim.actors._pooled import Dispatcher, PooledActor
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState, apply_all, decide
 from balancesim.actors._views import result_of
@@ -33,75 +34,76 @@ class _Reload:
 
 
 class _InFlight:
-    """Counts submissions not yet answered by the ledger, so a stop can wait for them."""
+    """Counts submissions not yet answered by the ledger; completes ``drained`` after a stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, drained: Reply) -> None:
         self._count = 0
-        self._zero = threading.Condition()
+        self._closed = False
+        self._drained = drained
+        self._lock = threading.Lock()
 
     def add(self) -> None:
-        with self._zero:
+        with self._lock:
             self._count += 1
 
     def done(self, _reply: Reply) -> None:
-        with self._zero:
+        with self._lock:
             self._count -= 1
-            if self._count == 0:
-                self._zero.notify_all()
+            finished = self._closed and self._count == 0
+        if finished:
+            self._drained.set(None)
 
-    def wait_zero(self) -> None:
-        with self._zero:
-            self._zero.wait_for(lambda: self._count == 0)
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            finished = self._count == 0
+        if finished:
+            self._drained.set(None)
 
 
-class AccountActor(pykka.ThreadingActor):
+class AccountActor(PooledActor):
     """Decides commands for one account and pipelines the results to the ledger.
 
     The actor applies a confirmed decision to its state at once and goes on to the
     next command while the ledger commits, so one busy account is not bound to
     one fsync per mutation; the reply waits for the commit. If a commit fails,
-    the actor reloads its state from the ledger. A stopping actor waits for its
-    in-flight commits, so a successor never loads a state that is about to change.
+    the actor reloads its state from the ledger. A successor of a passivated
+    actor starts only once ``drained`` says every in-flight commit is answered,
+    so it never loads a state that is about to change.
 
     Args:
         user_id: the account.
         ledger: where decisions are committed and state is loaded from.
         clock: gives each decision its time.
+        dispatcher: the pool the actor's turns run on.
         drained: set once this actor has stopped and its in-flight commits are
             answered. (pykka's ``actor_stopped`` is set before ``on_stop`` runs,
             so it cannot tell a successor that the ledger is settled.)
-        predecessor: the ``drained`` event of a passivated actor of the same
-            account; this one loads its state only after it is set.
+        predecessor: the ``drained`` future of a passivated actor of the same
+            account; this one starts after it is set.
     """
-
-    use_daemon_thread = True
 
     def __init__(
         self,
         user_id: int,
         ledger: Ledger,
         clock: Clock,
-        drained: threading.Event,
-        predecessor: threading.Event | None = None,
+        dispatcher: Dispatcher,
+        drained: Reply,
+        predecessor: Reply | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(dispatcher=dispatcher, start_after=predecessor)
         self.user_id = user_id
         self.ledger = ledger
         self.clock = clock
-        self.drained = drained
-        self.predecessor = predecessor
         self.state = AccountState(user_id)
-        self._in_flight = _InFlight()
+        self._in_flight = _InFlight(drained)
 
     def on_start(self) -> None:
-        if self.predecessor is not None:
-            self.predecessor.wait()
-            self.predecessor = None
         self._load()
 
     def on_stop(self) -> None:
-        self._in_flight.wait_zero()
-        self.drained.set()
+        self._in_flight.close()
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, _Reload):

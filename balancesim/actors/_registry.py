@@ -2,9 +2,10 @@
 
 pykka's own ``ActorRegistry`` is one global list scanned on every start and stop,
 so lookups go through this registry's dict instead, and only recently used
-accounts keep a live actor (one thread each): an account idle for ``idle_s`` — or
-the least recently used one once ``max_live`` are live — is stopped, and the next
-message to it starts a fresh actor that loads its state from the ledger.
+accounts keep a live actor (its state in memory, its turns on the shared
+dispatcher): an account idle for ``idle_s`` — or the least recently used one once
+``max_live`` are live — is stopped, and the next message to it starts a fresh
+actor that loads its state from the ledger.
 
 Every ``tell`` happens under the registry's lock, so no message can reach an
 actor after the registry decided to stop it; a successor waits for its
@@ -23,6 +24,8 @@ import pykka
 from balancesim.actors._account import AccountActor
 from balancesim.actors._clock import Clock
 from balancesim.actors._ledger import Ledger
+from balancesim.actors._pooled import Dispatcher
+from balancesim.actors._reply import Reply
 
 __all__ = ["AccountRegistry"]
 
@@ -35,18 +38,21 @@ class AccountRegistry:
         clock: handed to every account actor.
         idle_s: how long an account may be unused before its actor stops.
         max_live: the most actors kept live at once.
+        threads: the dispatcher's worker threads.
     """
 
-    def __init__(self, ledger: Ledger, clock: Clock, *, idle_s: float = 60.0, max_live: int = 2000) -> None:
+    def __init__(self, ledger: Ledger, clock: Clock, *, idle_s: float = 60.0, max_live: int = 10_000,
+                 threads: int = 2) -> None:
         self.ledger = ledger
         self.clock = clock
+        self.dispatcher = Dispatcher(threads, name="Accounts")
         self.idle_s = idle_s
         self.max_live = max_live
         self.activations = 0
         self.passivations = 0
         self._live: OrderedDict[int, tuple[pykka.ActorRef[Any], float]] = OrderedDict()
-        self._drained: dict[int, threading.Event] = {}
-        self._stopping: dict[int, threading.Event] = {}
+        self._drained: dict[int, Reply] = {}
+        self._stopping: dict[int, Reply] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="AccountSweeper", daemon=True)
@@ -85,16 +91,17 @@ class AccountRegistry:
             stopping = list(self._stopping.values())
             self._stopping.clear()
         for drained in stopping:
-            drained.wait()
+            drained.get(timeout=60)
+        self.dispatcher.shutdown()
 
     def _activate(self, user_id: int) -> pykka.ActorRef[Any]:
         predecessor = self._stopping.pop(user_id, None)
-        if predecessor is not None and predecessor.is_set():
+        if predecessor is not None and predecessor.done():
             predecessor = None
-        drained = threading.Event()
+        drained = Reply()
         self._drained[user_id] = drained
         self.activations += 1
-        return AccountActor.start(user_id, self.ledger, self.clock, drained, predecessor)
+        return AccountActor.start(user_id, self.ledger, self.clock, self.dispatcher, drained, predecessor)
 
     def _passivate(self, user_id: int) -> None:
         ref, _ = self._live.pop(user_id)
@@ -106,5 +113,5 @@ class AccountRegistry:
         while not self._closed.wait(timeout=max(0.05, self.idle_s / 2)):
             self.passivate_idle()
             with self._lock:
-                for user_id in [u for u, drained in self._stopping.items() if drained.is_set()]:
+                for user_id in [u for u, drained in self._stopping.items() if drained.done()]:
                     del self._stopping[user_id]
