@@ -9,6 +9,7 @@ deterministic and nothing ever sleeps to wait for an expiry.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -21,6 +22,7 @@ __all__ = ["Clock", "RealClock", "VirtualClock", "Timer", "iso"]
 VIRTUAL_EPOCH_S = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
+@functools.lru_cache(maxsize=4096)
 def iso(ts: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. ``2026-01-01T00:00:00.000Z``."""
     moment = datetime.fromtimestamp(ts, tz=timezone.utc)

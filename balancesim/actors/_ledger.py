@@ -16,7 +16,6 @@ account's fresh decisions begin.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import queue
 import sqlite3
@@ -371,7 +370,7 @@ class Ledger:
         out = []
         for event in events:
             if isinstance(event, Posted):
-                event = dataclasses.replace(event, transaction_id=self._next_tx_id)
+                event = event.numbered(self._next_tx_id)
                 self._next_tx_id += 1
             out.append(event)
         return tuple(out)
