@@ -148,9 +148,10 @@ def test_a_force_racing_the_expiry_settles_the_trade_exactly_once(engine):
 
 
 def test_ten_thousand_open_trades_settle_with_gap_free_versions_and_bounded_threads(make_engine):
-    engine = make_engine(max_live=100)
-    users = [new_user(engine, f"u{i}", usdt="1000") for i in range(100)]
-    replies = [engine.open_option(u, "ETHUSDT", "up", "1", 30) for _ in range(100) for u in users]
+    engine = make_engine()
+    baseline = threading.active_count()
+    users = [new_user(engine, f"u{i}", usdt="1000") for i in range(1000)]
+    replies = [engine.open_option(u, "ETHUSDT", "up", "1", 30) for _ in range(10) for u in users]
     for reply in replies:
         reply.get(timeout=60)
     assert len(engine.trades(status="open")) == 10_000
@@ -158,7 +159,8 @@ def test_ten_thousand_open_trades_settle_with_gap_free_versions_and_bounded_thre
     engine.advance(30, timeout_s=120)
     peak = max(peak, threading.active_count())
     assert engine.trades(status="open") == []
-    assert peak <= 100 + 20, f"{peak} threads for 10,000 trades"
+    assert engine.registry.live_count() == 1000
+    assert peak <= baseline, f"{peak} threads for 1,000 live accounts and 10,000 trades"
     report = verify(engine.ledger.path)
     assert report.ok, report.text()
     assert report.trades == 10_000

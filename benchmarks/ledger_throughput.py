@@ -1,0 +1,148 @@
+"""Durable mutations/s through the Engine, beside raw SQLite and pykka's own asks.
+
+Usage: ``python benchmarks/ledger_throughput.py [--mutations N]``
+
+Each configuration runs in a fresh interpreter, pinned to one core and unpinned,
+so both sets of figures come from the same run on the same machine. Printed:
+
+- (a) SQLite at one commit per mutation (WAL, synchronous=FULL);
+- (b) pykka's pipelined ``ask`` rate to a trivial actor;
+- the engine: deposits committed per second with 1, 10 and 1,000 accounts and 8
+  concurrent callers, each keeping a window of requests in flight.
+
+The last line is one JSON object for the 1,000-account case, pinned (the
+faster mode on this 2-core machine; the unpinned figure rides along).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pykka  # noqa: E402
+
+from balancesim.actors import VirtualClock  # noqa: E402
+from balancesim.engine import Engine  # noqa: E402
+from benchmarks._common import emit, pin_to_one_core, run_self  # noqa: E402
+
+CALLERS = 8
+WINDOW = 128
+
+
+def sqlite_one_commit_per_s(n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(os.path.join(tmp, "raw.db"), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, user_id INT, amount INT, version INT)")
+        start = time.perf_counter()
+        for i in range(n):
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO t (user_id, amount, version) VALUES (?, ?, ?)", (i % 10, i, i))
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        conn.close()
+    return n / elapsed
+
+
+class Echo(pykka.ThreadingActor):
+    def on_receive(self, message):
+        return message
+
+
+def pykka_pipelined_ask_per_s(n: int) -> float:
+    ref = Echo.start()
+    try:
+        start = time.perf_counter()
+        futures = [ref.ask(i, block=False) for i in range(n)]
+        for future in futures:
+            future.get(timeout=30)
+        return n / (time.perf_counter() - start)
+    finally:
+        ref.stop()
+
+
+def engine_mutations_per_s(accounts: int, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(os.path.join(tmp, "engine.db"), clock=VirtualClock(), password_cost=2).start()
+        try:
+            creates = [engine.create_user(f"u{i}", "pw") for i in range(accounts)]
+            users = [reply.get(timeout=60)["user_id"] for reply in creates]
+            for user_id in users:  # activate every actor before timing
+                engine.deposit(user_id, "1").get(timeout=60)
+            per_caller = n // CALLERS
+
+            def caller(offset: int) -> None:
+                window = []
+                for i in range(per_caller):
+                    window.append(engine.deposit(users[(offset + i * CALLERS) % accounts], "1.5"))
+                    if len(window) >= WINDOW:
+                        window.pop(0).get(timeout=60)
+                for reply in window:
+                    reply.get(timeout=60)
+
+            threads = [threading.Thread(target=caller, args=(c,)) for c in range(CALLERS)]
+            start = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - start
+            commits = engine.ledger.commits
+        finally:
+            engine.stop()
+    print(f"      {accounts:>5} accounts: {per_caller * CALLERS / elapsed:>9,.0f} mutations/s "
+          f"({commits} commits, {per_caller * CALLERS / max(commits, 1):.0f} mutations per commit)")
+    return per_caller * CALLERS / elapsed
+
+
+def measure(n: int, pinned: bool) -> dict:
+    if pinned:
+        pin_to_one_core()
+    result = {
+        "sqlite_one_commit_per_s": round(sqlite_one_commit_per_s(min(n, 3000))),
+        "pykka_pipelined_ask_per_s": round(pykka_pipelined_ask_per_s(n)),
+    }
+    for accounts in (1, 10, 1000):
+        result[f"engine_{accounts}"] = round(engine_mutations_per_s(accounts, n))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mutations", type=int, default=40_000)
+    parser.add_argument("--child", choices=["pinned", "unpinned"])
+    args = parser.parse_args()
+    if args.child:
+        emit(measure(args.mutations, args.child == "pinned"))
+        return
+    results = {}
+    for mode in ("unpinned", "pinned"):
+        print(f"{mode}:")
+        results[mode] = r = run_self(__file__, "--child", mode, "--mutations", str(args.mutations))
+        print(f"  (a) sqlite, one commit per mutation: {r['sqlite_one_commit_per_s']:>9,}/s")
+        print(f"  (b) pykka pipelined ask:             {r['pykka_pipelined_ask_per_s']:>9,}/s")
+        for accounts in (1, 10, 1000):
+            rate = r[f"engine_{accounts}"]
+            print(f"  engine, {accounts:>5} accounts, {CALLERS} callers:   {rate:>9,}/s  "
+                  f"= {rate / r['pykka_pipelined_ask_per_s']:.2f} × (b), "
+                  f"{rate / r['sqlite_one_commit_per_s']:.1f} × (a)")
+    chosen = results["pinned"]
+    emit({
+        "engine_mutations_per_s": chosen["engine_1000"],
+        "sqlite_one_commit_per_s": chosen["sqlite_one_commit_per_s"],
+        "pykka_pipelined_ask_per_s": chosen["pykka_pipelined_ask_per_s"],
+        "mode": "pinned",
+        "unpinned_engine_mutations_per_s": results["unpinned"]["engine_1000"],
+    })
+
+
+if __name__ == "__main__":
+    main()
