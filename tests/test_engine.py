@@ -214,3 +214,18 @@ def test_subscribers_see_nothing_for_a_rejected_command_and_one_bad_subscriber_h
     engine.subscribe(good)
     engine.deposit(alice, "3").get(timeout=TIMEOUT_S)
     assert [e.version for e in good.of(Posted)] == [1]
+
+
+def test_an_account_that_cannot_be_loaded_answers_storage_unavailable_and_recovers(engine, monkeypatch):
+    alice = new_user(engine, "alice", usdt="5")
+    engine.registry.passivate_idle(idle_s=0)
+    real_load = engine.ledger.load_account
+
+    def broken(user_id):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(engine.ledger, "load_account", broken)
+    with pytest.raises(errors.StorageUnavailable):
+        engine.deposit(alice, "1").get(timeout=TIMEOUT_S)
+    monkeypatch.setattr(engine.ledger, "load_account", real_load)
+    assert engine.deposit(alice, "1").get(timeout=TIMEOUT_S)["transaction"]["balance_after"] == "6"

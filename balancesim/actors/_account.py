@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
+from balancesim import errors
 from balancesim.actors._clock import Clock
 from balancesim.actors._ledger import Ledger, Submission
 from balancesim.actors._messages import Command, Rejected
@@ -17,6 +19,8 @@ from balancesim.actors._state import AccountState, apply_all, decide
 from balancesim.actors._views import result_of
 
 __all__ = ["AccountActor", "Request"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class AccountActor(PooledActor):
         self.user_id = user_id
         self.ledger = ledger
         self.clock = clock
-        self.state = AccountState(user_id)
+        self.state: AccountState | None = None
         self._in_flight = _InFlight(drained)
 
     def on_start(self) -> None:
@@ -106,9 +110,25 @@ class AccountActor(PooledActor):
         self._in_flight.close()
 
     def on_receive(self, message: Any) -> None:
+        # Every request must be answered: an exception escaping to pykka would
+        # stop the actor and strand the replies queued behind it.
         if isinstance(message, _Reload):
             self._load()
             return
+        if self.state is None:
+            self._load()
+        if self.state is None:
+            message.reply.set_exception(errors.StorageUnavailable("the account could not be loaded"))
+            return
+        try:
+            self._handle(message)
+        except Exception as error:  # noqa: BLE001 - answered, logged, and the actor lives on
+            log.exception("account %s failed on %r", self.user_id, message.command)
+            self._load()
+            if not message.reply.done():
+                message.reply.set_exception(error)
+
+    def _handle(self, message: Request) -> None:
         verdict = decide(self.state, message.command, self.clock.now())
         if isinstance(verdict, Rejected):
             message.reply.set_exception(verdict.error)
@@ -129,10 +149,13 @@ class AccountActor(PooledActor):
         )
 
     def _load(self) -> None:
-        state = self.ledger.load_account(self.user_id)
-        if state is None:
-            raise LookupError(f"no account {self.user_id}")
-        self.state = state
+        """Load the committed state; on a storage error stay unloaded and retry on the next request."""
+        try:
+            self.state = self.ledger.load_account(self.user_id)
+        except Exception:  # noqa: BLE001 - storage trouble is reported per request
+            log.exception("account %s could not be loaded", self.user_id)
+            self.state = None
+            return
         self.ledger.reset(self.user_id)
 
     def _reload_later(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -238,6 +239,8 @@ class _Barrier:
 
 _STOP = object()
 
+log = logging.getLogger(__name__)
+
 
 class Ledger:
     """The durable ledger with its group-commit writer and a pool of readers.
@@ -355,7 +358,10 @@ class Ledger:
             events = [event for _, evs in numbered for event in evs]
             if events:
                 for listener in self._listeners:
-                    listener(events)
+                    try:
+                        listener(events)
+                    except Exception:  # noqa: BLE001 - committed is committed: reply regardless
+                        log.exception("commit listener %r failed", listener)
             for (sub, _), result in zip(numbered, results):
                 sub.reply.set(result)
             for create, outcome in zip(users, created):

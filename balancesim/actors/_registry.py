@@ -63,8 +63,13 @@ class AccountRegistry:
         with self._lock:
             entry = self._live.pop(user_id, None)
             ref = entry[0] if entry is not None else self._activate(user_id)
+            try:
+                ref.tell(message)
+            except pykka.ActorDeadError:
+                self._drained.pop(user_id, None)
+                ref = self._activate(user_id)
+                ref.tell(message)
             self._live[user_id] = (ref, time.monotonic())
-            ref.tell(message)
             while len(self._live) > self.max_live:
                 self._passivate(next(iter(self._live)))
 

@@ -8,6 +8,7 @@ asyncio future without blocking, while tests keep calling ``.get(timeout=1)``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 from typing import Any, Callable
@@ -15,6 +16,8 @@ from typing import Any, Callable
 import pykka
 
 __all__ = ["Reply", "as_asyncio", "completed", "failed"]
+
+log = logging.getLogger(__name__)
 
 
 class Reply(pykka.ThreadingFuture[Any]):
@@ -53,7 +56,10 @@ class Reply(pykka.ThreadingFuture[Any]):
             self._done = True
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - the setter (often the ledger writer) must go on
+                log.exception("reply callback %r failed", callback)
 
 
 def completed(value: Any) -> Reply:
@@ -77,11 +83,11 @@ def as_asyncio(reply: Reply) -> asyncio.Future[Any]:
 
     def resolve(done: Reply) -> None:
         try:
-            value = done.get(timeout=0)
-        except BaseException as error:  # noqa: BLE001 - handed on to the awaiting side
-            loop.call_soon_threadsafe(_settle, future, None, error)
-        else:
-            loop.call_soon_threadsafe(_settle, future, value, None)
+            value, error = done.get(timeout=0), None
+        except BaseException as raised:  # noqa: BLE001 - handed on to the awaiting side
+            value, error = None, raised
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, future, value, error)
 
     reply.add_done_callback(resolve)
     return future
