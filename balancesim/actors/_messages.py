@@ -67,7 +67,7 @@ class Trade:
 
 
 @dataclass(frozen=True)
-class Deposit:
+class _MoneyCommand:
     user_id: int
     amount: int
     asset: str = "USDT"
@@ -76,23 +76,18 @@ class Deposit:
 
 
 @dataclass(frozen=True)
-class Withdraw:
-    user_id: int
-    amount: int
-    asset: str = "USDT"
-    description: str = ""
-    initiated_by: int | None = None
+class Deposit(_MoneyCommand):
+    """Credit ``amount`` of ``asset``."""
 
 
 @dataclass(frozen=True)
-class Adjust:
+class Withdraw(_MoneyCommand):
+    """Debit ``amount`` of ``asset``; never below zero."""
+
+
+@dataclass(frozen=True)
+class Adjust(_MoneyCommand):
     """A signed correction; the balance may never go below zero."""
-
-    user_id: int
-    amount: int
-    asset: str = "USDT"
-    description: str = ""
-    initiated_by: int | None = None
 
 
 @dataclass(frozen=True)
