@@ -136,6 +136,22 @@ def ledger_audit(db_path: str, as_json: bool) -> None:
             click.echo(f"    mode → {change['mode']} by user {change['set_by']} at {change['ts']}")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@db_option
+@click.option("--time-scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Multiplies every trade duration (0.01: 100× sooner).")
+@click.option("--seed", type=int, help="The market's seed (default: the current time).")
+@click.option("--demo", is_flag=True, help="On an empty database, create demo accounts and say so.")
+def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | None, demo: bool) -> None:
+    """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0."""
+    from balancesim.gateway import ServeOptions
+    from balancesim.gateway import serve as run
+
+    run(ServeOptions(host, port, db_path, time_scale, seed, demo), echo=click.echo)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()

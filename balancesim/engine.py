@@ -28,6 +28,7 @@ from balancesim.actors import (
     OpenOption,
     OptionOpened,
     PlaceSpotOrder,
+    Posted,
     PriceBoard,
     RealClock,
     Reply,
@@ -267,6 +268,10 @@ class Engine:
     def history(self, user_id: int, after_version: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         """Committed transactions above ``after_version``, oldest first."""
         return [transaction_view(entry) for entry in self.ledger.history(user_id, after_version, limit)]
+
+    def entries(self, user_id: int, after_version: int = 0, limit: int = 100) -> list[Posted]:
+        """Committed entries above ``after_version`` as records (for replaying them as messages)."""
+        return self.ledger.history(user_id, after_version, limit)
 
     def trades(self, user_id: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """Trades of one account (or all), ``open`` or ``settled`` or both."""

@@ -1,0 +1,334 @@
+"""Thin HTTP handlers: authenticate, parse, call the engine, answer.
+
+Every answer is JSON; every refusal is PROTOCOL.md's error shape with its code. A
+body larger than the limit is refused with 413 as soon as its declared length
+(or, chunked, its running size) passes the limit: it is never held whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
+
+from balancesim import errors
+from balancesim.actors import as_asyncio
+from balancesim.auth import ROLES
+from balancesim.gateway._auth import Principal
+from balancesim.gateway._context import Context
+
+__all__ = [
+    "AdminPageHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
+    "LoginHandler", "MarketHandler", "MetricsHandler", "MoneyHandler", "NotFoundHandler",
+    "OptionsHandler", "SpotHandler", "TransactionsHandler", "UsersHandler",
+]
+
+ADMIN = ("admin", "superadmin")
+SUPERADMIN = ("superadmin",)
+MAX_ID_DIGITS = 18
+
+Result = tuple[int, dict[str, Any]] | None
+
+
+def api(method: Callable[..., Awaitable[Result]]) -> Callable[..., Awaitable[None]]:
+    """Answer ``(status, body)`` as JSON, or a domain error as PROTOCOL.md's error."""
+
+    @functools.wraps(method)
+    async def wrapper(self: ApiHandler, *args: str) -> None:
+        try:
+            result = await method(self, *args)
+        except errors.BalancesimError as error:
+            self.fail(error)
+            return
+        if result is not None:
+            self.answer(*result)
+
+    return wrapper
+
+
+@stream_request_body
+class ApiHandler(RequestHandler):
+    """Base of the JSON API: auth, bounded bodies, field parsing, error shape."""
+
+    def initialize(self, ctx: Context, **options: Any) -> None:
+        self.ctx = ctx
+        self.options = options
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._started = time.perf_counter()
+
+    def prepare(self) -> None:
+        self.ctx.in_flight += 1
+        length = self.request.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > self.ctx.max_body_bytes):
+            self.fail(errors.PayloadTooLarge(f"bodies are limited to {self.ctx.max_body_bytes} bytes"))
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.ctx.max_body_bytes:
+            self._chunks.append(chunk)
+        else:
+            self._chunks.clear()
+
+    def on_finish(self) -> None:
+        self.ctx.in_flight -= 1
+        self.ctx.metrics.http_latency.labels(self.request.method, str(self.get_status())).observe(
+            time.perf_counter() - self._started
+        )
+
+    def answer(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def fail(self, error: errors.BalancesimError) -> None:
+        self.answer(error.status, error.to_dict())
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Only tornado's own refusals reach here (bad method, malformed request).
+        code = {404: "not_found", 413: "payload_too_large"}.get(status_code, "invalid_request")
+        message = self._reason if status_code < 500 else "internal error"
+        self.finish({"error": {"code": code, "message": message}})
+
+    # -- who -----------------------------------------------------------------------
+
+    def who(self, roles: tuple[str, ...] = ROLES) -> Principal:
+        """The caller, if its token is live and its role is one of ``roles``."""
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        principal = self.ctx.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+        if principal is None:
+            raise errors.Unauthorized("a valid Bearer token is required")
+        if principal.role not in roles:
+            raise errors.Forbidden(f"this needs the role {' or '.join(roles)}")
+        return principal
+
+    # -- input -----------------------------------------------------------------------
+
+    def body(self) -> dict[str, Any]:
+        if self._size > self.ctx.max_body_bytes:
+            raise errors.PayloadTooLarge(f"bodies are limited to {self.ctx.max_body_bytes} bytes")
+        try:
+            body = json.loads(b"".join(self._chunks) or b"null")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise errors.InvalidJson("the body is not valid JSON") from error
+        if not isinstance(body, dict):
+            raise errors.InvalidRequest("the body must be a JSON object")
+        return body
+
+    @staticmethod
+    def field(body: dict[str, Any], name: str, kind: type, *, default: Any = ..., money: bool = False) -> Any:
+        """A body field of type ``kind``; a money field passes through for the engine to judge."""
+        if name not in body:
+            if default is ...:
+                raise errors.InvalidRequest(f"{name} is required")
+            return default
+        value = body[name]
+        if money:
+            return value
+        if type(value) is not kind:
+            raise errors.InvalidRequest(f"{name} must be a {kind.__name__ if kind is not str else 'string'}")
+        return value
+
+    def query_int(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        if not raw.isdigit() or len(raw) > MAX_ID_DIGITS or not low <= int(raw) <= high:
+            raise errors.InvalidRequest(f"{name} must be an integer from {low} to {high}")
+        return int(raw)
+
+    def idempotency_key(self) -> str | None:
+        return self.request.headers.get("Idempotency-Key")
+
+    @staticmethod
+    def path_id(raw: str) -> int:
+        if len(raw) > MAX_ID_DIGITS:
+            raise errors.UnknownUser(f"no user {raw}")
+        return int(raw)
+
+    async def commit(self, reply: Any, status: int, kind: str) -> Result:
+        """Await an engine reply (without blocking the loop) and count the mutation."""
+        result = await as_asyncio(reply)
+        self.ctx.metrics.mutations.labels(kind).inc()
+        return status, result
+
+    def target(self, raw_id: str | None) -> int:
+        """The account a read is about: the caller's own, or (admins only) one in the path."""
+        if raw_id is None:
+            return self.who().user_id
+        self.who(ADMIN)
+        return self.path_id(raw_id)
+
+
+class LoginHandler(ApiHandler):
+    @api
+    async def post(self) -> Result:
+        address = self.request.remote_ip or "?"
+        if self.ctx.limiter.blocked(address):
+            raise errors.RateLimited("too many failed logins; try again in a minute")
+        body = self.body()
+        username, password = self.field(body, "username", str), self.field(body, "password", str)
+        user = await self.ctx.blocking(self.ctx.engine.authenticate, username, password)
+        if user is None:
+            self.ctx.limiter.failed(address)
+            raise errors.Unauthorized("wrong username or password")
+        principal = Principal(user["user_id"], user["username"], user["role"])
+        token = await self.ctx.blocking(self.ctx.tokens.issue, principal)
+        return 200, {"token": token, "user_id": principal.user_id, "role": principal.role}
+
+
+class UsersHandler(ApiHandler):
+    @api
+    async def get(self) -> Result:
+        self.who(ADMIN)
+        return 200, {"users": await self.ctx.blocking(self.ctx.engine.users)}
+
+    @api
+    async def post(self) -> Result:
+        me = self.who(ADMIN)
+        body = self.body()
+        username, password = self.field(body, "username", str), self.field(body, "password", str)
+        role = self.field(body, "role", str, default="user")
+        if role not in ROLES:
+            raise errors.InvalidRequest("role must be user, admin or superadmin")
+        if role != "user" and me.role != "superadmin":
+            raise errors.Forbidden("only a superadmin creates admins")
+        key = self.idempotency_key()
+        remembered = self.ctx.created_users.get((me.user_id, key)) if key else None
+        if remembered is not None:
+            return remembered
+        status, user = await self.commit(self.ctx.engine.create_user(username, password, role), 201, "user")
+        self.ctx.hub.remember(user["user_id"], username)
+        if key:
+            self.ctx.created_users[(me.user_id, key)] = (status, user)
+            while len(self.ctx.created_users) > 10_000:
+                self.ctx.created_users.popitem(last=False)
+        return status, user
+
+
+class BalanceHandler(ApiHandler):
+    @api
+    async def get(self, raw_id: str | None = None) -> Result:
+        return 200, await self.ctx.blocking(self.ctx.engine.balance, self.target(raw_id))
+
+
+class TransactionsHandler(ApiHandler):
+    @api
+    async def get(self, raw_id: str | None = None) -> Result:
+        user_id = self.target(raw_id)
+        after = self.query_int("after_version", 0, 0, 10**18)
+        limit = self.query_int("limit", 100, 1, 1000)
+        await self.ctx.blocking(self.ctx.engine.balance, user_id)  # unknown_user, not an empty list
+        return 200, {"transactions": await self.ctx.blocking(self.ctx.engine.history, user_id, after, limit)}
+
+
+class MoneyHandler(ApiHandler):
+    """Deposits, withdrawals and adjustments; ``options["op"]`` says which."""
+
+    @api
+    async def post(self) -> Result:
+        me = self.who(SUPERADMIN)
+        op = self.options["op"]
+        body = self.body()
+        user_id = self.field(body, "user_id", int)
+        amount = self.field(body, "amount", str, money=True)
+        asset = self.field(body, "asset", str, default="USDT")
+        description = self.field(body, "description", str, default=... if op == "adjust" else "")
+        call = getattr(self.ctx.engine, op)
+        reply = call(user_id, amount, asset, description, initiated_by=me.user_id,
+                     idempotency_key=self.idempotency_key())
+        return await self.commit(reply, 201, op)
+
+
+class ControlHandler(ApiHandler):
+    @api
+    async def put(self, raw_id: str) -> Result:
+        me = self.who(SUPERADMIN)
+        mode = self.field(self.body(), "mode", str)
+        reply = self.ctx.engine.set_control_mode(self.path_id(raw_id), mode, me.user_id,
+                                                 idempotency_key=self.idempotency_key())
+        return await self.commit(reply, 200, "control")
+
+
+class ForceHandler(ApiHandler):
+    @api
+    async def post(self, trade_id: str) -> Result:
+        me = self.who(ADMIN)
+        outcome = self.field(self.body(), "outcome", str)
+        if outcome not in ("win", "lose"):
+            raise errors.InvalidRequest("outcome must be win or lose")
+        reply = await self.ctx.blocking(
+            functools.partial(self.ctx.engine.force_option, trade_id, outcome, me.user_id,
+                              idempotency_key=self.idempotency_key())
+        )
+        return await self.commit(reply, 200, "force")
+
+
+class OptionsHandler(ApiHandler):
+    @api
+    async def get(self) -> Result:
+        me = self.who()
+        status = self.get_query_argument("status", None)
+        if status not in (None, "open", "settled"):
+            raise errors.InvalidRequest("status must be open or settled")
+        return 200, {"trades": await self.ctx.blocking(self.ctx.engine.trades, me.user_id, status)}
+
+    @api
+    async def post(self) -> Result:
+        me = self.who()
+        body = self.body()
+        reply = self.ctx.engine.open_option(
+            me.user_id, self.field(body, "symbol", str), self.field(body, "direction", str),
+            self.field(body, "amount", str, money=True), self.field(body, "duration", int),
+            idempotency_key=self.idempotency_key(),
+        )
+        return await self.commit(reply, 201, "option")
+
+
+class SpotHandler(ApiHandler):
+    @api
+    async def post(self) -> Result:
+        me = self.who()
+        body = self.body()
+        reply = self.ctx.engine.spot_order(
+            me.user_id, self.field(body, "symbol", str), self.field(body, "side", str),
+            self.field(body, "quantity", str, money=True), idempotency_key=self.idempotency_key(),
+        )
+        return await self.commit(reply, 201, "spot")
+
+
+class MarketHandler(ApiHandler):
+    @api
+    async def get(self) -> Result:
+        self.who()
+        return 200, self.ctx.engine.market()
+
+
+class HealthHandler(ApiHandler):
+    @api
+    async def get(self) -> Result:
+        return 200, {"status": "ok"}
+
+
+class MetricsHandler(ApiHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.ctx.metrics.render())
+
+
+class NotFoundHandler(ApiHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        if not self._finished:
+            raise HTTPError(404, reason=f"no such route: {self.request.method} {self.request.path}")
+
+
+class AdminPageHandler(StaticFileHandler):
+    """``/admin`` is the dashboard page."""
+
+    def get(self, path: str = "", include_body: bool = True) -> Awaitable[None]:
+        return super().get("admin.html", include_body)

@@ -1,0 +1,36 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Sessions, messages, slow closes, mutations and HTTP latency."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.sessions = Gauge(
+            "balancesim_sessions", "Connected WebSocket sessions", ["role"], registry=self.registry
+        )
+        self.messages = Counter(
+            "balancesim_messages_sent", "WebSocket messages sent", ["type"], registry=self.registry
+        )
+        self.slow_closed = Counter(
+            "balancesim_sessions_closed_slow", "Sessions closed with 4008 for not keeping up",
+            registry=self.registry,
+        )
+        self.mutations = Counter(
+            "balancesim_mutations", "Committed mutations", ["type"], registry=self.registry
+        )
+        self.http_latency = Histogram(
+            "balancesim_http_request_seconds", "HTTP request latency", ["method", "status"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text format."""
+        return generate_latest(self.registry)

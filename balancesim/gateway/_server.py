@@ -1,0 +1,98 @@
+"""``balancesim serve``: the engine and the gateway until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from balancesim.actors import RealClock
+from balancesim.engine import Engine
+from balancesim.gateway._app import make_app
+
+__all__ = ["ServeOptions", "serve", "DEMO_ACCOUNTS"]
+
+DEMO_ACCOUNTS = (
+    ("superadmin", "superadmin123", "superadmin"),
+    ("admin", "admin123", "admin"),
+    ("alice", "alice123", "user"),
+    ("bob", "bob123", "user"),
+)
+DEMO_DEPOSIT = "10000"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 3000
+    db: str = "balancesim.db"
+    time_scale: float = 1.0
+    seed: int | None = None
+    demo: bool = False
+    drain_s: float = 10.0
+
+
+def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
+    """On an empty ledger: a superadmin, an admin and two funded users."""
+    if engine.users():
+        echo("demo: the database already has accounts; no demo accounts created")
+        return
+    ids = {}
+    for username, password, role in DEMO_ACCOUNTS:
+        ids[username] = engine.create_user(username, password, role).get(timeout=30)["user_id"]
+        echo(f"demo: created {role} {username!r} with password {password!r}")
+    for username, _, role in DEMO_ACCOUNTS:
+        if role == "user":
+            engine.deposit(ids[username], DEMO_DEPOSIT, description="demo starting balance",
+                           initiated_by=ids["superadmin"]).get(timeout=30)
+            echo(f"demo: deposited {DEMO_DEPOSIT} USDT to {username!r}")
+
+
+async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
+    seed = options.seed if options.seed is not None else int(time.time())
+    engine = Engine(options.db, clock=RealClock(options.time_scale), seed=seed).start()
+    if options.demo:
+        create_demo(engine, echo)
+    app = make_app(engine)
+    ctx = app.settings["ctx"]
+    sockets = bind_sockets(options.port, options.host)
+    server = HTTPServer(app, xheaders=False, max_body_size=1 << 30)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    url = f"http://{options.host}:{port}"
+    await AsyncHTTPClient().fetch(f"{url}/healthz")
+    echo(f"listening on {url}")
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+
+    server.stop()
+    ctx.hub.stop(1001)
+    deadline = time.monotonic() + options.drain_s
+    while ctx.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await server.close_all_connections()
+    await loop.run_in_executor(None, engine.stop)
+    ctx.executor.shutdown(wait=True)
+    ctx.tokens.close()
+    echo("stopped")
+
+
+def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
+    """Run until SIGINT/SIGTERM, then drain and return."""
+
+    def say(line: str) -> None:
+        echo(line)
+        sys.stdout.flush()
+
+    asyncio.run(_run(options, say))
