@@ -173,7 +173,7 @@ class Engine:
 
     def user(self, user_id: int) -> dict[str, Any] | None:
         """``{user_id, username, role}`` or ``None``."""
-        row = self.ledger.user(user_id=user_id)
+        row = self.ledger.user(user_id=user_id) if self._storable(user_id) else None
         if row is None:
             return None
         self._known_users.add(user_id)
@@ -258,7 +258,7 @@ class Engine:
 
     def balance(self, user_id: int) -> dict[str, Any]:
         """``{user_id, balances, version, control_mode}`` as committed."""
-        snaps = self.ledger.snapshots(user_id)
+        snaps = self.ledger.snapshots(user_id) if self._storable(user_id) else []
         if not snaps:
             raise errors.UnknownUser(f"no user {user_id}")
         view = self._snapshot_view(snaps[0])
@@ -371,6 +371,11 @@ class Engine:
             raise errors.InvalidRequest("user_id must be an integer")
         if user_id not in self._known_users and self.user(user_id) is None:
             raise errors.UnknownUser(f"no user {user_id}")
+
+    @staticmethod
+    def _storable(user_id: int) -> bool:
+        # SQLite integers are 64-bit: a larger id cannot name any account.
+        return type(user_id) is int and 0 < user_id < 2**63
 
     def _settle(self, command: SettleOption, reply: Reply) -> None:
         self.registry.tell(command.user_id, Request(command, reply))
