@@ -155,3 +155,7 @@ def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | Non
 def main() -> None:
     """Console-script entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -40,6 +40,7 @@ def make_app(
     login_limit: int = 10,
     tick_interval_s: float = 0.5,
     executor_threads: int = 4,
+    send_buffer_bytes: int | None = None,
 ) -> Application:
     """Build the gateway for a started ``engine``; call on the IOLoop that will serve it.
 
@@ -51,6 +52,7 @@ def make_app(
         login_limit: failed logins per address per minute before 429.
         tick_interval_s: the least time between two price ticks to the sessions.
         executor_threads: threads for blocking reads (SQLite, password hashing).
+        send_buffer_bytes: caps each session socket's kernel send buffer.
 
     Returns:
         The application; ``app.settings["ctx"]`` is its shared ``Context``.
@@ -67,6 +69,7 @@ def make_app(
         executor=ThreadPoolExecutor(executor_threads, thread_name_prefix="gateway"),
         max_pending_bytes=max_pending_bytes,
         max_body_bytes=max_body_bytes,
+        send_buffer_bytes=send_buffer_bytes,
     )
     api: dict[str, Any] = {"ctx": ctx}
     routes = [

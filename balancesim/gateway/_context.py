@@ -25,6 +25,8 @@ class Context:
     Attributes:
         max_pending_bytes: a session with more unsent bytes than this is closed (4008).
         max_body_bytes: larger request bodies are refused with 413 unread.
+        send_buffer_bytes: if set, caps each session socket's kernel send buffer,
+            which otherwise grows to megabytes and hides a stalled reader.
     """
 
     engine: Engine
@@ -35,6 +37,7 @@ class Context:
     executor: ThreadPoolExecutor
     max_pending_bytes: int = 1 << 20
     max_body_bytes: int = 64 * 1024
+    send_buffer_bytes: int | None = None
     in_flight: int = 0
     created_users: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 

@@ -10,6 +10,7 @@ the seam between replay and live has no gap and no duplicate.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from tornado.iostream import StreamClosedError
@@ -68,6 +69,9 @@ class SessionHandler(WebSocketHandler):
         self.finish(json.dumps(error.to_dict()))
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
+        if self.ctx.send_buffer_bytes is not None and self.ws_connection is not None:
+            sock = self.ws_connection.stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.ctx.send_buffer_bytes)
         self.ctx.hub.add(self)
         self.ctx.metrics.sessions.labels(self.principal.role).inc()
         try:
