@@ -102,5 +102,5 @@ def make_app(
         log_function=_log_request,
         websocket_max_message_size=4 * 1024 * 1024,
         websocket_ping_interval=20,
-        websocket_ping_timeout=60,
+        websocket_ping_timeout=20,
     )
