@@ -10,10 +10,26 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["hash_password", "verify_password", "DEFAULT_COST", "ROLES"]
+__all__ = ["hash_password", "verify_password", "DEFAULT_COST", "ROLES", "ADMINS", "SUPERADMINS", "MAY"]
 
 DEFAULT_COST = 2**14
 ROLES = ("user", "admin", "superadmin")
+ADMINS = ("admin", "superadmin")
+SUPERADMINS = ("superadmin",)
+
+# PROTOCOL.md's "who" column: the roles that may do each operation. The gateway
+# and the in-process scenario world both enforce it from here.
+MAY = {
+    "read_all": ADMINS,
+    "create_user": ADMINS,
+    "deposit": SUPERADMINS,
+    "withdraw": SUPERADMINS,
+    "adjust": SUPERADMINS,
+    "control": SUPERADMINS,
+    "force": ADMINS,
+    "option": ROLES,
+    "spot": ROLES,
+}
 
 
 def hash_password(password: str, *, cost: int = DEFAULT_COST) -> str:

@@ -16,7 +16,7 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 
 from balancesim import errors
 from balancesim.actors import as_asyncio
-from balancesim.auth import ROLES
+from balancesim.auth import MAY, ROLES
 from balancesim.gateway._auth import Principal
 from balancesim.gateway._context import Context
 
@@ -26,8 +26,6 @@ __all__ = [
     "OptionsHandler", "SpotHandler", "TransactionsHandler", "UsersHandler",
 ]
 
-ADMIN = ("admin", "superadmin")
-SUPERADMIN = ("superadmin",)
 MAX_ID_DIGITS = 18
 
 Result = tuple[int, dict[str, Any]] | None
@@ -160,7 +158,7 @@ class ApiHandler(RequestHandler):
         """The account a read is about: the caller's own, or (admins only) one in the path."""
         if raw_id is None:
             return self.who().user_id
-        self.who(ADMIN)
+        self.who(MAY["read_all"])
         return self.path_id(raw_id)
 
 
@@ -184,12 +182,12 @@ class LoginHandler(ApiHandler):
 class UsersHandler(ApiHandler):
     @api
     async def get(self) -> Result:
-        self.who(ADMIN)
+        self.who(MAY["read_all"])
         return 200, {"users": await self.ctx.blocking(self.ctx.engine.users)}
 
     @api
     async def post(self) -> Result:
-        me = self.who(ADMIN)
+        me = self.who(MAY["create_user"])
         body = self.body()
         username, password = self.field(body, "username", str), self.field(body, "password", str)
         role = self.field(body, "role", str, default="user")
@@ -231,8 +229,8 @@ class MoneyHandler(ApiHandler):
 
     @api
     async def post(self) -> Result:
-        me = self.who(SUPERADMIN)
         op = self.options["op"]
+        me = self.who(MAY[op])
         body = self.body()
         user_id = self.field(body, "user_id", int)
         amount = self.field(body, "amount", str, money=True)
@@ -247,7 +245,7 @@ class MoneyHandler(ApiHandler):
 class ControlHandler(ApiHandler):
     @api
     async def put(self, raw_id: str) -> Result:
-        me = self.who(SUPERADMIN)
+        me = self.who(MAY["control"])
         mode = self.field(self.body(), "mode", str)
         reply = self.ctx.engine.set_control_mode(self.path_id(raw_id), mode, me.user_id,
                                                  idempotency_key=self.idempotency_key())
@@ -257,7 +255,7 @@ class ControlHandler(ApiHandler):
 class ForceHandler(ApiHandler):
     @api
     async def post(self, trade_id: str) -> Result:
-        me = self.who(ADMIN)
+        me = self.who(MAY["force"])
         outcome = self.field(self.body(), "outcome", str)
         if outcome not in ("win", "lose"):
             raise errors.InvalidRequest("outcome must be win or lose")
@@ -279,7 +277,7 @@ class OptionsHandler(ApiHandler):
 
     @api
     async def post(self) -> Result:
-        me = self.who()
+        me = self.who(MAY["option"])
         body = self.body()
         reply = self.ctx.engine.open_option(
             me.user_id, self.field(body, "symbol", str), self.field(body, "direction", str),
@@ -292,7 +290,7 @@ class OptionsHandler(ApiHandler):
 class SpotHandler(ApiHandler):
     @api
     async def post(self) -> Result:
-        me = self.who()
+        me = self.who(MAY["spot"])
         body = self.body()
         reply = self.ctx.engine.spot_order(
             me.user_id, self.field(body, "symbol", str), self.field(body, "side", str),
