@@ -152,6 +152,15 @@ def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | Non
     run(ServeOptions(host, port, db_path, time_scale, seed, demo), echo=click.echo)
 
 
+def _register() -> None:
+    from balancesim.scenarios.cli import scenario
+
+    cli.add_command(scenario)
+
+
+_register()
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()

@@ -1,0 +1,251 @@
+"""Where a scenario runs: an embedded engine on a virtual clock, or a server at a URL.
+
+Both worlds offer the same operations, so one interpreter runs every scenario
+on either. Operations raise ``OpFailed(code)`` for a PROTOCOL.md refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import secrets
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from balancesim import errors
+from balancesim.actors import VirtualClock, failed
+from balancesim.auth import MAY
+from balancesim.client import ApiError, Client, Session, Stream
+from balancesim.engine import Engine
+from balancesim.reports import verify
+from balancesim.routing import ADMIN_ROLES, ADMINS, EVERYONE, OWNER, route
+from balancesim.scenarios._model import Participant
+
+__all__ = ["OpFailed", "InProcessWorld", "RemoteWorld", "ledger_digest"]
+
+
+class OpFailed(Exception):
+    """An operation was refused with a PROTOCOL.md ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def ledger_digest(path: str) -> str:
+    """SHA-256 of every entry and trade, leaving out ids that count commits, not meaning."""
+    with sqlite3.connect(path) as conn:
+        entries = conn.execute(
+            "SELECT user_id, version, asset, amount, balance_after, type, description, metadata, ts "
+            "FROM transactions ORDER BY user_id, version"
+        ).fetchall()
+        trades = conn.execute("SELECT * FROM trades ORDER BY trade_id").fetchall()
+    return "sha256:" + hashlib.sha256(json.dumps([entries, trades]).encode()).hexdigest()
+
+
+class InProcessWorld:
+    """An embedded engine on a temporary ledger and a virtual clock: deterministic."""
+
+    remote = False
+
+    def __init__(self, seed: int) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="balancesim-scenario-")
+        self.path = str(Path(self.tmp.name) / "ledger.db")
+        self.engine = Engine(self.path, clock=VirtualClock(), seed=seed, password_cost=2).start()
+        self.ids: dict[str, int] = {}
+        self.roles: dict[str, str] = {}
+        self.streams: dict[str, Stream] = {}
+        self._pending: collections.deque[list[Any]] = collections.deque()
+        self._usernames: dict[int, str] = {}
+        self.engine.subscribe(self._pending.append)
+
+    async def setup(self, participants: dict[str, Participant]) -> None:
+        self.roles = {p.name: p.role for p in participants.values()}
+        self.usernames = {p.name: p.name for p in participants.values()}
+        creates = {p.name: self.engine.create_user(p.name, "pw", p.role) for p in participants.values()}
+        for name, reply in creates.items():
+            self.ids[name] = reply.get(timeout=60)["user_id"]
+            self._usernames[self.ids[name]] = name
+        funds = [self.engine.deposit(self.ids[p.name], p.deposit, description="starting balance")
+                 for p in participants.values() if p.deposit]
+        for reply in funds:
+            reply.get(timeout=60)
+        self._pending.clear()
+        for p in participants.values():
+            stream = self.streams[p.name] = Stream(self.ids[p.name], p.role)
+            balance = self.engine.balance(self.ids[p.name])
+            stream.record({"type": "user_balance_init", **balance, "ts": ""})
+
+    async def op(self, actor: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return (await self.op_many(actor, [(op, args)]))[0]
+
+    async def op_many(self, actor: str | None, calls: list[tuple[str, dict[str, Any]]],
+                      actors: list[str] | None = None) -> list[Any]:
+        """Submit every call first, then wait: concurrent like real clients. Failures come back as ``OpFailed``."""
+        replies = [self._submit(actors[i] if actors else actor, op, args) for i, (op, args) in enumerate(calls)]
+        results = []
+        for reply in replies:
+            try:
+                results.append(reply.get(timeout=120))
+            except errors.BalancesimError as error:
+                results.append(OpFailed(error.code, error.message))
+        self._pump()
+        return results
+
+    def _submit(self, actor: str, op: str, a: dict[str, Any]) -> Any:
+        e, me = self.engine, self.ids[actor]
+        if self.roles[actor] not in MAY[op]:
+            return failed(errors.Forbidden(f"{op} needs the role {' or '.join(MAY[op])}"))
+        if op in ("deposit", "withdraw", "adjust"):
+            return getattr(e, op)(a["to"], a["amount"], a.get("asset", "USDT"), a.get("description", ""), initiated_by=me)
+        if op == "control":
+            return e.set_control_mode(a["to"], a["mode"], me)
+        if op == "force":
+            return e.force_option(a["trade"], a["outcome"], me)
+        if op == "option":
+            return e.open_option(me, a["symbol"], a["direction"], a["amount"], a["duration"])
+        return e.spot_order(me, a["symbol"], a["side"], a["quantity"])
+
+    def _pump(self) -> None:
+        while self._pending:
+            for event in self._pending.popleft():
+                for delivery in route(event, self._usernames.get):
+                    for stream in self._audience(delivery):
+                        stream.record(delivery.message)
+
+    def _audience(self, delivery: Any) -> list[Stream]:
+        if delivery.audience == OWNER:
+            return [s for s in self.streams.values() if s.user_id == delivery.user_id]
+        if delivery.audience == ADMINS:
+            return [s for s in self.streams.values() if s.role in ADMIN_ROLES]
+        assert delivery.audience == EVERYONE
+        return list(self.streams.values())
+
+    async def advance(self, seconds: float) -> None:
+        self.engine.advance(seconds)
+        self._pump()
+
+    async def barrier(self) -> None:
+        self.engine.ledger.flush().get(timeout=60)
+        self._pump()
+
+    async def balance(self, name: str) -> dict[str, Any]:
+        return self.engine.balance(self.ids[name])
+
+    async def trade(self, owner: str | None, trade_id: str) -> dict[str, Any] | None:
+        return next((t for t in self.engine.trades() if t["trade_id"] == trade_id), None)
+
+    async def history(self, name: str) -> list[dict[str, Any]]:
+        return self.engine.history(self.ids[name], limit=10**9)
+
+    async def finish(self) -> dict[str, Any]:
+        self.engine.stop()
+        report = verify(self.path)
+        result = {"ledger": report.text(), "ledger_ok": report.ok, "digest": ledger_digest(self.path)}
+        self.tmp.cleanup()
+        return result
+
+
+class RemoteWorld:
+    """Real HTTP and WebSocket clients against a running ``balancesim serve``, in real time.
+
+    Participants are created by the given superadmin with a unique suffix, so runs
+    never collide. ``advance(s)`` waits until every trade due by then has settled.
+    """
+
+    remote = True
+
+    def __init__(self, url: str, admin_user: str, admin_password: str, db: str | None = None) -> None:
+        self.url, self.admin_user, self.admin_password, self.db = url.rstrip("/"), admin_user, admin_password, db
+        self.ids: dict[str, int] = {}
+        self.clients: dict[str, Client] = {}
+        self.streams: dict[str, Session] = {}
+        self.virtual_s = 0.0
+        self.open: dict[str, tuple[str, float]] = {}
+
+    async def setup(self, participants: dict[str, Participant]) -> None:
+        self.admin = await Client.login(self.url, self.admin_user, self.admin_password)
+        suffix = secrets.token_hex(3)
+        self.usernames = {p.name: f"{p.name}-{suffix}" for p in participants.values()}
+        for p in participants.values():
+            password = secrets.token_urlsafe(12)
+            created = await self.admin.create_user(self.usernames[p.name], password, p.role)
+            self.ids[p.name] = created["user_id"]
+            self.clients[p.name] = await Client.login(self.url, self.usernames[p.name], password)
+            if p.deposit:
+                await self.admin.deposit(created["user_id"], p.deposit, description="starting balance")
+        for name, client in self.clients.items():
+            self.streams[name] = await client.session()
+
+    async def op(self, actor: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return (await self.op_many(actor, [(op, args)]))[0]
+
+    async def op_many(self, actor: str | None, calls: list[tuple[str, dict[str, Any]]],
+                      actors: list[str] | None = None) -> list[Any]:
+        async def one(who: str, op: str, a: dict[str, Any]) -> Any:
+            c = self.clients[who]
+            try:
+                if op in ("deposit", "withdraw", "adjust"):
+                    return {"transaction": await getattr(c, op)(a["to"], a["amount"], a.get("asset", "USDT"), a.get("description", ""))}
+                if op == "control":
+                    return await c.set_control(a["to"], a["mode"])
+                if op == "force":
+                    return {"trade": await c.force(a["trade"], a["outcome"])}
+                if op == "option":
+                    trade = await c.open_option(a["symbol"], a["direction"], a["amount"], a["duration"])
+                    self.open[trade["trade_id"]] = (who, self.virtual_s + a["duration"])
+                    return {"trade": trade}
+                return {"order": await c.spot(a["symbol"], a["side"], a["quantity"])}
+            except ApiError as error:
+                return OpFailed(error.code, error.message)
+
+        return await asyncio.gather(*(one(actors[i] if actors else actor, op, a) for i, (op, a) in enumerate(calls)))
+
+    async def advance(self, seconds: float) -> None:
+        self.virtual_s += seconds
+        due = {t: who for t, (who, at) in self.open.items() if at <= self.virtual_s}
+        deadline = time.monotonic() + 120
+        while due:
+            for who in set(due.values()):
+                still = {t["trade_id"] for t in await self.clients[who].options("open")}
+                for trade_id in [t for t, w in due.items() if w == who and t not in still]:
+                    del due[trade_id]
+                    del self.open[trade_id]
+            if due:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(due)} trades did not settle in time")
+                await asyncio.sleep(0.05)
+        await self.barrier()
+
+    async def barrier(self) -> None:
+        await asyncio.gather(*(s.barrier() for s in self.streams.values()))
+
+    async def balance(self, name: str) -> dict[str, Any]:
+        return await self.admin.balance(self.ids[name])
+
+    async def trade(self, owner: str | None, trade_id: str) -> dict[str, Any] | None:
+        owners = [owner] if owner else list(self.clients)
+        for who in owners:
+            for trade in await self.clients[who].options():
+                if trade["trade_id"] == trade_id:
+                    return trade
+        return None
+
+    async def history(self, name: str) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        while page := await self.admin.transactions(self.ids[name], len(entries), 1000):
+            entries += page
+        return entries
+
+    async def finish(self) -> dict[str, Any]:
+        for session in self.streams.values():
+            await session.close()
+        if self.db is None:
+            return {"ledger": "ledger not checked (give --db to verify the server's file)", "ledger_ok": True}
+        report = verify(self.db)
+        return {"ledger": report.text(), "ledger_ok": report.ok}
