@@ -1,0 +1,96 @@
+"""Shipped scenarios pass on both runners; broken ones fail readably."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from balancesim.cli import cli
+from balancesim.scenarios import FILES
+from tests.serve_process import serve  # noqa: F401 - fixture
+
+QUICK = sorted(p.stem for p in FILES.glob("*.toml") if p.stem != "virtual-day")
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["scenario", "run", *args])
+
+
+def test_scenario_list_names_every_shipped_scenario():
+    result = CliRunner().invoke(cli, ["scenario", "list"])
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()] == sorted(
+        ["comprehensive", "options-trade", "spot-trading", "superadmin-deposit", "trading-control", "virtual-day"]
+    )
+
+
+@pytest.mark.parametrize("name", QUICK)
+def test_every_shipped_scenario_passes_in_process(name):
+    result = run(name, "--json")
+    outcome = json.loads(result.output)
+    assert result.exit_code == 0, outcome
+    assert outcome["ok"] and outcome["problems"] == [] and outcome["steps_run"] > 5
+    assert outcome["ledger"].startswith("ledger OK")
+
+
+@pytest.mark.slow
+def test_the_virtual_day_passes_in_process():
+    result = run("virtual-day", "--json")
+    outcome = json.loads(result.output)
+    assert result.exit_code == 0, outcome["failure"]
+    assert "1002 accounts" in outcome["ledger"] and "20000 trades" in outcome["ledger"]
+
+
+def test_the_same_seed_gives_the_same_digest_and_another_seed_another():
+    digests = [json.loads(run("options-trade", "--json", "--seed", seed).output)["digest"] for seed in ("5", "5", "6")]
+    assert digests[0] == digests[1] != digests[2]
+
+
+def test_a_broken_expectation_fails_with_a_readable_report(tmp_path):
+    broken = (FILES / "superadmin-deposit.toml").read_text().replace('balance = "250.5", change_type', 'balance = "999", change_type')
+    path = tmp_path / "broken.toml"
+    path.write_text(broken)
+    result = run(str(path))
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0].startswith("scenario superadmin-deposit (in-process): FAIL")
+    assert lines[1].startswith(f"  first broken expectation: step 2 ({path}:")
+    assert "alice's session did not receive a balance_update with {'change': '250.5', 'balance': '999'" in lines[1]
+    assert "it received ['type=balance_update" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("name = 'x'\n[participants\n", 2, "not valid TOML"),
+        ("[participants]\nann = { role = 'king' }\n", 2, "participant 'ann' needs role"),
+        ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nadvance = 1\n\n[[steps]]\ndo = 'fly'\nas = 'ann'\n", 7, "step 2: do = 'fly' is not one of"),
+        ("[participants]\nann = { role = 'user' }\n\n[[steps]]\ndo = 'option'\nas = 'bob'\nsymbol='BTCUSDT'\ndirection='up'\namount='1'\nduration=30\n", 4, "as = 'bob' is not a participant"),
+        ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nexpect = 'balance'\nwho = 'ann'\n", 4, "needs equals"),
+        ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nadvance = 1\ncolor = 'red'\n", 4, "advance takes a positive number"),
+    ],
+)
+def test_a_malformed_file_names_the_file_the_line_and_the_problem(tmp_path, text, line, problem):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run(str(path))
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: {path}:{line}: ")
+    assert problem in result.output
+
+
+def test_an_unreachable_url_is_a_clean_error_with_exit_2():
+    result = run("options-trade", "--url", "http://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: cannot reach http://127.0.0.1:9")
+    assert "Traceback" not in result.output
+
+
+def test_a_scenario_passes_against_a_real_server(serve):
+    server = serve("--demo", "--time-scale", "0.01")
+    result = run("trading-control", "--url", server.url, "--db", server.db, "--json")
+    outcome = json.loads(result.output)
+    assert result.exit_code == 0, outcome
+    assert outcome["world"] == "remote" and outcome["ok"]
