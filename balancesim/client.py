@@ -28,7 +28,7 @@ from typing import Any, Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-__all__ = ["ApiError", "Client", "Session", "Stream", "OWN_TYPES"]
+__all__ = ["ApiError", "Client", "Session", "Stream", "OWN_TYPES", "out_of_sync"]
 
 OWN_TYPES = ("balance_update", "trade_update", "trading_control_update")
 
@@ -189,6 +189,27 @@ class Stream:
             if message.get("type") == kind and match(message):
                 return index
         return None
+
+
+async def out_of_sync(stream: Stream, stored: Callable[[], Any], barrier: Callable[[], Any],
+                      attempts: int = 20) -> str | None:
+    """Compare what a session shows with the ledger at the same version; ``None`` when they agree.
+
+    The ledger is read first, then everything routed to the session before now is
+    awaited, so the session has at least the stored version unless an update went
+    missing. If the account moved on meanwhile (a trade settled), read again.
+    """
+    for _ in range(attempts):
+        balance = await stored()
+        await barrier()
+        shown = stream.version or 0
+        if shown < balance["version"]:
+            return f"the session is at version {shown} but the ledger at {balance['version']}"
+        if shown == balance["version"]:
+            if stream.balances != balance["balances"]:
+                return f"the session shows {stream.balances} but the ledger has {balance['balances']}"
+            return None
+    return "the account kept changing; could not compare"
 
 
 class Session(Stream):

@@ -14,6 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from balancesim.actors import RealClock
+from balancesim.auth import DEFAULT_COST
 from balancesim.engine import Engine
 from balancesim.gateway._app import make_app
 
@@ -37,6 +38,7 @@ class ServeOptions:
     seed: int | None = None
     demo: bool = False
     drain_s: float = 10.0
+    password_cost: int = DEFAULT_COST
 
 
 def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
@@ -57,7 +59,8 @@ def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
 
 async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
     seed = options.seed if options.seed is not None else int(time.time())
-    engine = Engine(options.db, clock=RealClock(options.time_scale), seed=seed).start()
+    engine = Engine(options.db, clock=RealClock(options.time_scale), seed=seed,
+                    password_cost=options.password_cost).start()
     if options.demo:
         create_demo(engine, echo)
     app = make_app(engine)

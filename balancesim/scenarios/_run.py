@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from balancesim.client import out_of_sync
 from balancesim.scenarios._model import Scenario, Step
 from balancesim.scenarios._worlds import OpFailed
 
@@ -213,6 +214,6 @@ async def judge(world: Any, outcome: Outcome) -> None:
     for name, stream in world.streams.items():
         outcome.messages_checked += len(stream.messages)
         outcome.problems += [f"{name}: {problem}" for problem in stream.problems]
-        stored = (await world.balance(name))["balances"]
-        if stream.balances != stored:
-            outcome.problems.append(f"{name}: the session shows {stream.balances} but the ledger has {stored}")
+        problem = await out_of_sync(stream, lambda: world.balance(name), getattr(stream, "barrier", world.barrier))
+        if problem:
+            outcome.problems.append(f"{name}: {problem}")
