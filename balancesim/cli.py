@@ -204,6 +204,25 @@ def load(users: int, duration: float, url: str | None, report_path: str | None, 
     sys.exit(130 if report["interrupted"] else 0 if report["verdict"]["ok"] else 1)
 
 
+@cli.command()
+@click.option("--trials", type=click.IntRange(1), default=5, show_default=True, help="Kill-and-restart trials.")
+@click.option("--users", type=click.IntRange(1, 200), default=6, show_default=True, help="Concurrent users per trial.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the moments of the kills and the operations.")
+def chaos(trials: int, users: int, seed: int) -> None:
+    """Kill the server (SIGKILL) under load and prove nothing acknowledged was lost; exit 1 if anything was."""
+    import asyncio
+
+    from balancesim.chaos import run_trials
+
+    results = asyncio.run(run_trials(trials, users=users, seed=seed))
+    for result in results:
+        click.echo(result.text())
+    failed = [r for r in results if not r.ok]
+    click.echo(f"{len(results)} trials, {sum(r.acknowledged for r in results)} acknowledged mutations checked, "
+               f"{len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
 def _register() -> None:
     from balancesim.scenarios.cli import scenario
 

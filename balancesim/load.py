@@ -17,8 +17,6 @@ import os
 import random
 import secrets
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from hdrh.histogram import HdrHistogram
 
 from balancesim.client import ApiError, Client, Session, out_of_sync
 from balancesim.reports import verify
+from balancesim.serveproc import ServerProcess
 
 __all__ = ["LoadOptions", "run_load", "render_chart", "DEFAULT_MIX", "parse_mix"]
 
@@ -244,18 +243,8 @@ class Run:
         return {"ok": ok, "errors": sum(sum(c.values()) for c in self.ops.values()) - ok}
 
 
-def _embedded(tmp: str) -> tuple[subprocess.Popen, str, str]:
-    """A ``balancesim serve`` subprocess (its own GIL) on a free loopback port."""
-    db = os.path.join(tmp, "load.db")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "balancesim.cli", "serve", "--port", "0", "--db", db, "--demo",
-         "--time-scale", "0.05", "--password-cost", "1024"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    while not (line := process.stdout.readline()).startswith("listening on "):
-        if not line:
-            raise RuntimeError("the embedded server did not start")
-    return process, line.split()[-1], db
+# Throwaway users: a cheap scrypt cost lets 1,000 of them log in within seconds.
+EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024")
 
 
 async def run_load(options: LoadOptions) -> dict[str, Any]:
@@ -266,16 +255,16 @@ async def run_load(options: LoadOptions) -> dict[str, Any]:
     if options.url:
         return await Run(options).execute(options.url)
     with tempfile.TemporaryDirectory(prefix="balancesim-load-") as tmp:
-        process, url, db = _embedded(tmp)
-        options.db = db
+        # A subprocess, so the server and the clients do not share one GIL.
+        server = ServerProcess(os.path.join(tmp, "load.db"), *EMBEDDED_ARGS).start()
+        options.db = server.db
         try:
-            report = await Run(options).execute(url)
+            report = await Run(options).execute(server.url)
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
-        report["verdict"]["ledger"] = verify(db).text()
+            server.stop()
+        report["verdict"]["ledger"] = verify(server.db).text()
         report["verdict"]["ok"] = report["verdict"]["ok"] and report["verdict"]["ledger"].startswith("ledger OK")
-        report["server"] = url
+        report["server"] = server.url
         return report
 
 

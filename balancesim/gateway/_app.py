@@ -25,8 +25,9 @@ access_log = logging.getLogger("tornado.access")
 
 def _log_request(handler: RequestHandler) -> None:
     # The WebSocket URL carries the token in its query string: log the path only.
+    # A refused request is the client's business; only a 5xx is ours to shout about.
     status = handler.get_status()
-    log = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    log = access_log.info if status < 500 else access_log.error
     log("%d %s %s %.1fms", status, handler.request.method, handler.request.path,
         1000 * handler.request.request_time())
 

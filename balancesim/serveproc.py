@@ -1,0 +1,60 @@
+"""``balancesim serve`` as a child process: started, killed, restarted on the same port."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+__all__ = ["ServerProcess"]
+
+
+class ServerProcess:
+    """A server on ``db``; ``args`` are extra ``serve`` options.
+
+    ``start()`` returns once the server printed its ``listening on`` line, so it
+    answers ``/healthz``; ``port`` and ``url`` are then known.
+    """
+
+    def __init__(self, db: str, *args: str) -> None:
+        self.db, self.args = db, args
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.url = ""
+        self.output: list[str] = []
+
+    def start(self, port: int | None = None) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "balancesim.cli", "serve", "--port", str(self.port if port is None else port),
+             "--db", self.db, *self.args],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdout is not None
+        while not (line := self.process.stdout.readline()).startswith("listening on "):
+            if not line:
+                raise RuntimeError(f"balancesim serve did not start: {''.join(self.output)}")
+            self.output.append(line)
+        self.url = line.split()[-1]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        assert self.process is not None
+        self.process.kill()
+        self._reap()
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM and wait; the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self._reap(timeout_s)
+
+    def _reap(self, timeout_s: float = 60) -> int:
+        assert self.process is not None and self.process.stdout is not None
+        code = self.process.wait(timeout=timeout_s)
+        self.process.stdout.close()
+        return code
