@@ -5,10 +5,11 @@ They open the file themselves (a server may be running on it) and never write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import sqlite_utils
 
@@ -45,11 +46,21 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _open(path: str) -> sqlite_utils.Database:
+@contextlib.contextmanager
+def _snapshot(path: str) -> Iterator[sqlite_utils.Database]:
+    """The ledger inside one read transaction: a server may be committing meanwhile,
+    and reads from different moments would disagree with each other."""
     db = connect(path)
-    if "transactions" not in db.table_names():
-        raise FileNotFoundError(f"{path} is not a balancesim ledger")
-    return db
+    try:
+        if "transactions" not in db.table_names():
+            raise FileNotFoundError(f"{path} is not a balancesim ledger")
+        db.conn.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.conn.execute("COMMIT")
+    finally:
+        db.close()
 
 
 def verify(path: str) -> VerifyReport:
@@ -61,8 +72,7 @@ def verify(path: str) -> VerifyReport:
     both legs; every trade has its stake and exactly the settlement its status says.
     """
     report = VerifyReport()
-    db = _open(path)
-    with db.conn:
+    with _snapshot(path) as db:
         users = {row[0]: row[1] for row in db.execute("SELECT user_id, version FROM users")}
         stored = defaultdict(dict)
         for user_id, asset, amount in db.execute("SELECT user_id, asset, amount FROM balances"):
@@ -125,14 +135,12 @@ def verify(path: str) -> VerifyReport:
                 problems.append(f"trade {trade_id} ({status}): entries {entries}, expected {want}")
         for trade_id, entries in by_trade.items():
             problems.append(f"trade {trade_id}: entries {entries} but no such trade")
-    db.close()
     return report
 
 
 def history(path: str, user: str) -> list[dict[str, Any]]:
     """An account's entries, oldest first; ``user`` is a user id or a username."""
-    db = _open(path)
-    with db.conn:
+    with _snapshot(path) as db:
         column = "user_id" if user.isdigit() else "username"
         row = db.execute(f"SELECT user_id FROM users WHERE {column} = ?", (user,)).fetchone()
         if row is None:
@@ -140,7 +148,6 @@ def history(path: str, user: str) -> list[dict[str, Any]]:
         rows = db.execute(
             f"SELECT {_TX_COLUMNS} FROM transactions WHERE user_id = ? ORDER BY version", (row[0],)
         ).fetchall()
-    db.close()
     return [transaction_view(posted_from_row(r)) for r in rows]
 
 
@@ -152,8 +159,7 @@ def audit(path: str) -> dict[str, Any]:
         control_changes, trades}], "count", "stakes", "payouts"}`` with amounts
         as decimal strings.
     """
-    db = _open(path)
-    with db.conn:
+    with _snapshot(path) as db:
         names = dict(db.execute("SELECT user_id, username FROM users").fetchall())
         changes = defaultdict(list)
         for user_id, mode, set_by, ts in db.execute(
@@ -164,7 +170,6 @@ def audit(path: str) -> dict[str, Any]:
             "SELECT trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout "
             "FROM trades WHERE status != 'open' AND decided_by != 'market' ORDER BY user_id, settled_at"
         ).fetchall()
-    db.close()
     accounts: dict[int, dict[str, Any]] = {}
     totals = {"count": 0, "stakes": 0, "payouts": 0}
     for trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout in rows:

@@ -108,3 +108,29 @@ def test_ledger_audit_lists_forced_settlements_per_account(filled):
 def test_a_missing_ledger_file_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["ledger", "verify", "--db", str(tmp_path / "none.db")])
     assert result.exit_code == 2
+
+
+def test_ledger_verify_reads_one_snapshot_while_a_server_keeps_committing(make_engine):
+    import threading
+
+    from balancesim.actors import RealClock
+    from balancesim.reports import verify
+
+    engine = make_engine(clock=RealClock(time_scale=0.0005))
+    users = [new_user(engine, f"u{i}", usdt="100000") for i in range(5)]
+    done = threading.Event()
+
+    def trade() -> None:
+        while not done.is_set():
+            for reply in [engine.open_option(u, "BTCUSDT", "up", "1", 30) for u in users]:
+                reply.get(timeout=TIMEOUT_S)
+
+    worker = threading.Thread(target=trade)
+    worker.start()
+    try:
+        reports = [verify(engine.ledger.path) for _ in range(30)]
+    finally:
+        done.set()
+        worker.join()
+    assert all(report.ok for report in reports), next(r.text() for r in reports if not r.ok)
+    assert reports[-1].trades > 0
