@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tornado.web import Application, RedirectHandler, RequestHandler, StaticFileHandler
+from tornado.web import Application, RequestHandler
 
 from balancesim.engine import Engine
 from balancesim.gateway import _handlers as h
@@ -41,7 +41,7 @@ def make_app(
     login_limit: int = 10,
     tick_interval_s: float = 0.5,
     executor_threads: int = 4,
-    send_buffer_bytes: int | None = None,
+    send_buffer_bytes: int | None = 256 * 1024,
 ) -> Application:
     """Build the gateway for a started ``engine``; call on the IOLoop that will serve it.
 
@@ -53,7 +53,8 @@ def make_app(
         login_limit: failed logins per address per minute before 429.
         tick_interval_s: the least time between two price ticks to the sessions.
         executor_threads: threads for blocking reads (SQLite, password hashing).
-        send_buffer_bytes: caps each session socket's kernel send buffer.
+        send_buffer_bytes: caps each session socket's kernel send buffer (which
+            otherwise autotunes to megabytes per session); ``None`` leaves it.
 
     Returns:
         The application; ``app.settings["ctx"]`` is its shared ``Context``.
@@ -91,9 +92,9 @@ def make_app(
         (r"/healthz", h.HealthHandler, api),
         (r"/metrics", h.MetricsHandler, api),
         (r"/ws", SessionHandler, api),
-        (r"/", RedirectHandler, {"url": "/test-balance-sync.html"}),
+        (r"/", h.RootHandler, api),
         (r"/admin/?", h.AdminPageHandler, {"path": STATIC_PATH}),
-        (r"/([A-Za-z0-9_.-]+\.(?:html|js|css|svg|ico))", StaticFileHandler, {"path": STATIC_PATH}),
+        (r"/([A-Za-z0-9_.-]+\.(?:html|js|css|svg|ico))", h.StaticHandler, {"path": STATIC_PATH}),
     ]
     return Application(
         routes,

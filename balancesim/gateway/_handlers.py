@@ -21,7 +21,7 @@ from balancesim.gateway._auth import Principal
 from balancesim.gateway._context import Context
 
 __all__ = [
-    "AdminPageHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
+    "AdminPageHandler", "RootHandler", "StaticHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
     "LoginHandler", "MarketHandler", "MetricsHandler", "MoneyHandler", "NotFoundHandler",
     "OptionsHandler", "SpotHandler", "TransactionsHandler", "UsersHandler",
 ]
@@ -47,8 +47,18 @@ def api(method: Callable[..., Awaitable[Result]]) -> Callable[..., Awaitable[Non
     return wrapper
 
 
+class JsonErrors(RequestHandler):
+    """Tornado's own refusals (bad method, missing file, malformed request) as PROTOCOL.md errors."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        code = {404: "not_found", 413: "payload_too_large"}.get(status_code, "invalid_request")
+        message = self._reason if status_code < 500 else "internal error"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+
+
 @stream_request_body
-class ApiHandler(RequestHandler):
+class ApiHandler(JsonErrors):
     """Base of the JSON API: auth, bounded bodies, field parsing, error shape."""
 
     def initialize(self, ctx: Context, **options: Any) -> None:
@@ -84,12 +94,6 @@ class ApiHandler(RequestHandler):
 
     def fail(self, error: errors.BalancesimError) -> None:
         self.answer(error.status, error.to_dict())
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # Only tornado's own refusals reach here (bad method, malformed request).
-        code = {404: "not_found", 413: "payload_too_large"}.get(status_code, "invalid_request")
-        message = self._reason if status_code < 500 else "internal error"
-        self.finish({"error": {"code": code, "message": message}})
 
     # -- who -----------------------------------------------------------------------
 
@@ -325,7 +329,16 @@ class NotFoundHandler(ApiHandler):
             raise HTTPError(404, reason=f"no such route: {self.request.method} {self.request.path}")
 
 
-class AdminPageHandler(StaticFileHandler):
+class RootHandler(ApiHandler):
+    def get(self) -> None:
+        self.redirect("/test-balance-sync.html")
+
+
+class StaticHandler(JsonErrors, StaticFileHandler):
+    """The pages, with JSON errors like every other route."""
+
+
+class AdminPageHandler(StaticHandler):
     """``/admin`` is the dashboard page."""
 
     def get(self, path: str = "", include_body: bool = True) -> Awaitable[None]:
