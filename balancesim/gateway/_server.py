@@ -42,7 +42,7 @@ class ServeOptions:
 
 
 def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
-    """On an empty ledger: a superadmin, an admin and two funded users."""
+    """On an empty ledger: a superadmin, an admin and two users, each funded (admins trade too)."""
     if engine.users():
         echo("demo: the database already has accounts; no demo accounts created")
         return
@@ -50,11 +50,10 @@ def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
     for username, password, role in DEMO_ACCOUNTS:
         ids[username] = engine.create_user(username, password, role).get(timeout=30)["user_id"]
         echo(f"demo: created {role} {username!r} with password {password!r}")
-    for username, _, role in DEMO_ACCOUNTS:
-        if role == "user":
-            engine.deposit(ids[username], DEMO_DEPOSIT, description="demo starting balance",
-                           initiated_by=ids["superadmin"]).get(timeout=30)
-            echo(f"demo: deposited {DEMO_DEPOSIT} USDT to {username!r}")
+    for username, _, _ in DEMO_ACCOUNTS:
+        engine.deposit(ids[username], DEMO_DEPOSIT, description="demo starting balance",
+                       initiated_by=ids["superadmin"]).get(timeout=30)
+        echo(f"demo: deposited {DEMO_DEPOSIT} USDT to {username!r}")
 
 
 async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:

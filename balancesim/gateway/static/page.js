@@ -1,0 +1,236 @@
+// The test page: live balances of the logged-in account, every operation its role
+// may do, open trades with their countdown, a log of every message, and a
+// comprehensive test that checks each operation against what the socket delivers.
+import { ApiError, LiveSession, api, el, forget, saved, showLogin, units } from "/balancesim.js";
+
+const app = document.getElementById("app");
+const state = { balances: {}, version: 0, trades: new Map(), messages: [], waiters: [] };
+
+function start(who) {
+  const status = el("span", { class: "status", "data-testid": "ws-status", "data-state": "connecting" }, "connecting");
+  const balances = el("div", { class: "balances" },
+    ...["USDT", "BTC", "ETH"].map((asset) => el("span", {}, `${asset} `, el("b", { "data-testid": `balance-${asset}` }, "…"))),
+    el("span", {}, "version ", el("b", { "data-testid": "version" }, "…")));
+  const mode = el("b", { "data-testid": "control-mode" }, "…");
+  const trades = el("ul", { "data-testid": "open-trades" });
+  const log = el("div", { class: "log", "data-testid": "log" });
+  const results = el("ol", { "data-testid": "test-results" });
+  const summary = el("p", { "data-testid": "test-summary" });
+  app.replaceChildren(
+    el("header", {},
+      el("span", { "data-testid": "who" }, `${who.username} (${who.role}, #${who.user_id})`), status,
+      el("span", {}, "control mode ", mode),
+      el("button", { "data-testid": "logout", onclick: () => { session.stop(); forget(); location.reload(); } }, "Log out")),
+    balances,
+    ...panels(who),
+    el("section", {}, el("h2", {}, "Open trades"), trades),
+    el("section", {}, el("h2", {}, "Comprehensive test"),
+      el("button", { "data-testid": "run-test", onclick: () => runTest(who, results, summary) }, "Run comprehensive test"),
+      results, summary),
+    el("section", {}, el("h2", {}, "Messages"), log),
+  );
+
+  const show = () => {
+    for (const asset of ["USDT", "BTC", "ETH"]) {
+      document.querySelector(`[data-testid="balance-${asset}"]`).textContent = state.balances[asset] ?? "0";
+    }
+    document.querySelector('[data-testid="version"]').textContent = state.version;
+  };
+  const session = new LiveSession(who.token, {
+    onState: (value) => { status.dataset.state = value; status.textContent = value; },
+    onUnauthorized: () => { session.stop(); forget(); start(null); },
+    onBalance: (balances, version, controlMode, polled) => {
+      if (version >= state.version || !polled) Object.assign(state, { balances: { ...balances }, version });
+      mode.textContent = controlMode;
+      show();
+    },
+    onMessage: (message) => {
+      state.messages.push(message);
+      if (message.type !== "price_tick") {
+        log.prepend(el("div", { "data-type": message.type }, JSON.stringify(message)));
+      }
+      if (message.type === "balance_update" && message.user_id === who.user_id && message.version > state.version) {
+        state.balances[message.asset] = message.balance;
+        state.version = message.version;
+        show();
+      } else if (message.type === "trading_control_update" && message.user_id === who.user_id) {
+        mode.textContent = message.mode;
+      } else if (message.type === "trade_update") {
+        const trade = message.trade;
+        if (trade.status === "open") state.trades.set(trade.trade_id, trade);
+        else state.trades.delete(trade.trade_id);
+      }
+      state.waiters = state.waiters.filter((waiter) => !waiter(message));
+    },
+  });
+  setInterval(() => drawTrades(trades, who), 250);
+}
+
+function drawTrades(list, who) {
+  list.replaceChildren(...[...state.trades.values()].map((trade) => {
+    const left = Math.max(0, (Date.parse(trade.expires_at) - Date.now()) / 1000);
+    const force = who.role === "user" ? [] : ["win", "lose"].map((outcome) =>
+      el("button", { "data-testid": `force-${outcome}-${trade.trade_id}`, onclick: () => act(api("POST", `/api/admin/trades/${trade.trade_id}/force`, { outcome })) }, `force ${outcome}`));
+    return el("li", { "data-trade": trade.trade_id },
+      `${trade.trade_id} #${trade.user_id} ${trade.symbol} ${trade.direction} ${trade.amount} USDT — ${left.toFixed(1)} s left `, ...force);
+  }));
+}
+
+const lastError = el("p", { class: "error", "data-testid": "action-error" });
+
+async function act(promise) {
+  lastError.textContent = "";
+  try {
+    return await promise;
+  } catch (error) {
+    lastError.textContent = error instanceof ApiError ? `${error.code}: ${error.message}` : String(error);
+    return null;
+  }
+}
+
+function field(testid, attributes = {}) {
+  return el("input", { "data-testid": testid, ...attributes });
+}
+
+function panels(who) {
+  const out = [];
+  const symbol = el("select", { "data-testid": "symbol" }, el("option", {}, "BTCUSDT"), el("option", {}, "ETHUSDT"));
+  const stake = field("option-amount", { value: "10", size: 8 });
+  const quantity = field("spot-quantity", { value: "0.001", size: 8 });
+  out.push(el("section", {}, el("h2", {}, "Trade on my account"),
+    el("label", {}, "Symbol ", symbol), el("label", {}, "Stake ", stake),
+    ...[30, 60].flatMap((duration) => ["up", "down"].map((direction) =>
+      el("button", { "data-testid": `option-${duration}-${direction}`, onclick: () =>
+        act(api("POST", "/api/options", { symbol: symbol.value, direction, amount: stake.value, duration })) },
+      `${duration} s ${direction}`))),
+    el("br"), el("label", {}, "Quantity ", quantity),
+    ...["buy", "sell"].map((side) => el("button", { "data-testid": `spot-${side}`, onclick: () =>
+      act(api("POST", "/api/spot/orders", { symbol: symbol.value, side, quantity: quantity.value })) }, `spot ${side}`)),
+    lastError));
+  if (who.role === "superadmin") {
+    const target = el("select", { "data-testid": "target-user" });
+    api("GET", "/api/users").then(({ users }) => target.replaceChildren(
+      ...users.map((u) => el("option", { value: u.user_id }, `${u.username} (#${u.user_id})`))));
+    const amount = field("admin-amount", { value: "100", size: 8 });
+    const asset = el("select", { "data-testid": "admin-asset" }, ...["USDT", "BTC", "ETH"].map((a) => el("option", {}, a)));
+    const description = field("admin-description", { value: "from the test page" });
+    const money = (kind) => act(api("POST", `/api/admin/${kind}`, {
+      user_id: Number(target.value), amount: amount.value, asset: asset.value, description: description.value }));
+    const modeSelect = el("select", { "data-testid": "mode" }, ...["normal", "win", "lose"].map((m) => el("option", {}, m)));
+    out.push(el("section", {}, el("h2", {}, "Superadmin"),
+      el("label", {}, "User ", target), el("label", {}, "Amount ", amount), asset, description, el("br"),
+      el("button", { "data-testid": "deposit", onclick: () => money("deposits") }, "Deposit"),
+      el("button", { "data-testid": "withdraw", onclick: () => money("withdrawals") }, "Withdraw"),
+      el("button", { "data-testid": "adjust", onclick: () => money("adjustments") }, "Adjust (signed)"),
+      el("label", {}, " Control mode ", modeSelect),
+      el("button", { "data-testid": "set-mode", onclick: () =>
+        act(api("PUT", `/api/admin/controls/${target.value}`, { mode: modeSelect.value })) }, "Set mode")));
+  }
+  if (who.role !== "user") {
+    const tradeId = field("force-trade-id", { placeholder: "trade id", size: 10 });
+    out.push(el("section", {}, el("h2", {}, "Admin: force an open trade"), tradeId,
+      ...["win", "lose"].map((outcome) => el("button", { "data-testid": `force-${outcome}`, onclick: () =>
+        act(api("POST", `/api/admin/trades/${tradeId.value}/force`, { outcome })) }, `force ${outcome}`)),
+      el("a", { href: "/admin" }, " admin dashboard →")));
+  }
+  return out;
+}
+
+// -- the comprehensive test ------------------------------------------------------
+
+function arrival(predicate, timeoutMs = 5000) {
+  const seen = state.messages.find(predicate);
+  if (seen) return Promise.resolve(seen);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("nothing arrived over the socket")), timeoutMs);
+    state.waiters.push((message) => {
+      if (!predicate(message)) return false;
+      clearTimeout(timer);
+      resolve(message);
+      return true;
+    });
+  });
+}
+
+const update = (tx) => (m) => m.type === "balance_update" && m.transaction_id === tx.transaction_id && m.balance === tx.balance_after;
+
+function steps(who) {
+  const me = who.user_id;
+  const common = [
+    ["market prices", async () => { const m = await api("GET", "/api/market"); if (!m.prices.BTCUSDT) throw new Error("no price"); }],
+    ["balance endpoint agrees with the page", async () => {
+      const b = await api("GET", "/api/balance");
+      await arrival((m) => (m.version ?? 0) >= b.version || state.version >= b.version);
+      if (units(b.balances.USDT) !== units(state.balances.USDT) && b.version === state.version) throw new Error("mismatch");
+    }],
+  ];
+  const trading = [
+    ["30 s option: stake debited and trade opened", async () => {
+      const { trade } = await api("POST", "/api/options", { symbol: "BTCUSDT", direction: "up", amount: "1", duration: 30 });
+      await arrival((m) => m.type === "balance_update" && m.metadata?.trade_id === trade.trade_id && m.change === "-1");
+      await arrival((m) => m.type === "trade_update" && m.trade.trade_id === trade.trade_id);
+      return trade;
+    }],
+    ["spot buy: both legs arrive", async () => {
+      const { order } = await api("POST", "/api/spot/orders", { symbol: "ETHUSDT", side: "buy", quantity: "0.001" });
+      for (const tx of order.transactions) await arrival(update(tx));
+    }],
+    ["spot sell: both legs arrive", async () => {
+      const { order } = await api("POST", "/api/spot/orders", { symbol: "ETHUSDT", side: "sell", quantity: "0.001" });
+      for (const tx of order.transactions) await arrival(update(tx));
+    }],
+    ["history lists the spot orders", async () => {
+      const { transactions } = await api("GET", `/api/transactions?after_version=${Math.max(0, state.version - 10)}&limit=100`);
+      if (!transactions.some((t) => t.type === "spot_sell")) throw new Error("spot_sell missing");
+    }],
+  ];
+  const admin = [
+    ["list every account", async () => { const { users } = await api("GET", "/api/users"); if (!users.length) throw new Error("empty"); }],
+    ["force my own open trade to win", async () => {
+      const { trade } = await api("POST", "/api/options", { symbol: "ETHUSDT", direction: "down", amount: "1", duration: 60 });
+      await api("POST", `/api/admin/trades/${trade.trade_id}/force`, { outcome: "win" });
+      await arrival((m) => m.type === "trade_update" && m.trade.trade_id === trade.trade_id && m.trade.forced_outcome === "win");
+    }],
+  ];
+  const superadmin = [
+    ["deposit to myself", async () => { const { transaction } = await api("POST", "/api/admin/deposits", { user_id: me, amount: "25", description: "comprehensive test" }); await arrival(update(transaction)); }],
+    ["withdraw from myself", async () => { const { transaction } = await api("POST", "/api/admin/withdrawals", { user_id: me, amount: "5" }); await arrival(update(transaction)); }],
+    ["adjust myself", async () => { const { transaction } = await api("POST", "/api/admin/adjustments", { user_id: me, amount: "-0.5", description: "test adjustment" }); await arrival(update(transaction)); }],
+    ["an overdraft is refused", async () => {
+      try { await api("POST", "/api/admin/withdrawals", { user_id: me, amount: "1000000000" }); } catch (e) { if (e.code === "insufficient_funds") return; throw e; }
+      throw new Error("the overdraft was accepted");
+    }],
+    ["set my control mode", async () => {
+      await api("PUT", `/api/admin/controls/${me}`, { mode: "normal" });
+      await arrival((m) => m.type === "trading_control_update" && m.user_id === me && m.mode === "normal");
+    }],
+  ];
+  if (who.role === "superadmin") return [...superadmin, ...admin, ...trading, ...common];
+  if (who.role === "admin") return [...admin, ...common];
+  return [...trading, ...common];
+}
+
+async function runTest(who, results, summary) {
+  results.replaceChildren();
+  summary.textContent = "running…";
+  let passed = 0;
+  const all = steps(who);
+  for (const [name, check] of all) {
+    const item = el("li", { "data-result": "running" }, name);
+    results.append(item);
+    try {
+      await check();
+      item.dataset.result = "pass";
+      passed += 1;
+    } catch (error) {
+      item.dataset.result = "fail";
+      item.append(` — ${error.message}`);
+    }
+  }
+  summary.textContent = `${passed}/${all.length} passed`;
+  summary.dataset.done = passed === all.length ? "pass" : "fail";
+}
+
+const who = saved();
+if (who) start(who);
+else showLogin(app, start);
