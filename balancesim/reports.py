@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import sqlite_utils
 
 from balancesim.actors import ASSETS, transaction_view
-from balancesim.actors._ledger import _TX_COLUMNS, connect, posted_from_row
+from balancesim.actors._ledger import _TX_COLUMNS, connect, posted_from_row, snapshot
 from balancesim.errors import UnknownUser
 from balancesim.money import format_amount
 
@@ -54,11 +54,8 @@ def _snapshot(path: str) -> Iterator[sqlite_utils.Database]:
     try:
         if "transactions" not in db.table_names():
             raise FileNotFoundError(f"{path} is not a balancesim ledger")
-        db.conn.execute("BEGIN")
-        try:
+        with snapshot(db):
             yield db
-        finally:
-            db.conn.execute("COMMIT")
     finally:
         db.close()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sqlite3
 import threading
 
@@ -12,6 +10,7 @@ import pytest
 from balancesim import errors
 from balancesim.actors import ControlModeSet, OptionOpened, OptionSettled, Posted, RealClock, VirtualClock
 from balancesim.reports import verify
+from balancesim.scenarios import ledger_digest
 from tests.conftest import TIMEOUT_S, Recorder, new_user
 
 
@@ -211,16 +210,6 @@ def test_open_trades_survive_a_restart_and_overdue_ones_settle_at_the_new_feeds_
     second.advance(15)
     assert second.trades(alice, "open") == []
     assert verify(db_path).ok
-
-
-def ledger_digest(path: str) -> str:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(
-            "SELECT user_id, version, asset, amount, balance_after, type, metadata, ts FROM transactions "
-            "ORDER BY user_id, version"
-        ).fetchall()
-        trades = conn.execute("SELECT * FROM trades ORDER BY trade_id").fetchall()
-    return hashlib.sha256(json.dumps([rows, trades]).encode()).hexdigest()
 
 
 def scripted_day(engine) -> None:

@@ -42,7 +42,7 @@ from balancesim.actors._messages import (
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState
 
-__all__ = ["Ledger", "Submission", "connect", "create_schema", "insert_user", "parse_ts"]
+__all__ = ["Ledger", "Submission", "connect", "create_schema", "insert_user", "parse_ts", "snapshot"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -120,6 +120,16 @@ _TX_COLUMNS = (
     "transaction_id, user_id, asset, amount, balance_after, type, description, metadata, "
     "version, ts, initiated_by"
 )
+
+
+@contextlib.contextmanager
+def snapshot(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """Every read inside sees one committed state, whatever the writer commits meanwhile."""
+    db.conn.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        db.conn.execute("COMMIT")
 
 
 def parse_ts(text: str | None) -> float | None:
@@ -459,11 +469,8 @@ class Ledger:
         """A read connection from the pool, inside one read transaction (one snapshot)."""
         db = self._readers.get()
         try:
-            db.conn.execute("BEGIN")
-            try:
+            with snapshot(db):
                 yield db
-            finally:
-                db.conn.execute("COMMIT")
         finally:
             self._readers.put(db)
 
