@@ -54,8 +54,10 @@ class Target:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory) -> Iterator[Target]:
     server = ServerProcess(str(tmp_path_factory.mktemp("fuzz") / "fuzz.db"), "--demo", "--password-cost", "1024").start()
-    yield Target(server)
-    assert server.stop() == 0
+    try:
+        yield Target(server)
+    finally:
+        assert server.stop() == 0
 
 
 PATHS = ["/api/login", "/api/users", "/api/balance", "/api/users/{id}/balance", "/api/transactions",
