@@ -13,6 +13,15 @@ from balancesim.engine import Engine
 TIMEOUT_S = 10
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Mark a test whose body failed, so fixtures can save evidence (screenshots) in teardown."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.failed = True
+
+
 @pytest.fixture
 def db_path(tmp_path) -> str:
     return str(tmp_path / "ledger.db")

@@ -63,14 +63,6 @@ def pages(browser, server, request) -> Iterator:
         page.context.close()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call" and report.failed:
-        item.failed = True
-
-
 def api(server: ServerProcess, method: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
     request = urllib.request.Request(server.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
