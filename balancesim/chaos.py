@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from balancesim.client import ApiError, Client, Session, out_of_sync
+from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
 
@@ -148,7 +148,5 @@ async def _check(server: ServerProcess, boss: Client, clients: list[Client], ses
 
 async def run_trials(trials: int, *, users: int = 6, seed: int = 0) -> list[TrialResult]:
     """Run trials one after another (each kills its own server)."""
-    from tornado.httpclient import AsyncHTTPClient
-
-    AsyncHTTPClient.configure(None, max_clients=64)
+    configure_http(64)
     return [await run_trial(i + 1, users=users, seed=seed * 1000 + i) for i in range(trials)]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from hdrh.histogram import HdrHistogram
 
-from balancesim.client import ApiError, Client, Session, out_of_sync
+from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
 
@@ -249,23 +249,24 @@ EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024")
 
 async def run_load(options: LoadOptions) -> dict[str, Any]:
     """Run the load; without ``options.url`` against an embedded server subprocess."""
-    from tornado.httpclient import AsyncHTTPClient
-
-    AsyncHTTPClient.configure(None, max_clients=max(64, options.users))
+    http_client = configure_http(max(64, min(options.users, 256)))
     if options.url:
-        return await Run(options).execute(options.url)
-    with tempfile.TemporaryDirectory(prefix="balancesim-load-") as tmp:
-        # A subprocess, so the server and the clients do not share one GIL.
-        server = ServerProcess(os.path.join(tmp, "load.db"), *EMBEDDED_ARGS).start()
-        options.db = server.db
-        try:
-            report = await Run(options).execute(server.url)
-        finally:
-            server.stop()
-        report["verdict"]["ledger"] = verify(server.db).text()
-        report["verdict"]["ok"] = report["verdict"]["ok"] and report["verdict"]["ledger"].startswith("ledger OK")
-        report["server"] = server.url
-        return report
+        report = await Run(options).execute(options.url)
+    else:
+        with tempfile.TemporaryDirectory(prefix="balancesim-load-") as tmp:
+            # A subprocess, so the server and the clients do not share one GIL.
+            server = ServerProcess(os.path.join(tmp, "load.db"), *EMBEDDED_ARGS).start()
+            options.db = server.db
+            try:
+                report = await Run(options).execute(server.url)
+            finally:
+                server.stop()
+            verdict = report["verdict"]
+            verdict["ledger"] = verify(server.db).text()
+            verdict["ok"] = verdict["ok"] and verdict["ledger"].startswith("ledger OK")
+            report["server"] = server.url
+    report["http_client"] = http_client
+    return report
 
 
 def render_chart(report: dict[str, Any]) -> str:

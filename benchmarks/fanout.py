@@ -36,6 +36,7 @@ from tornado.web import Application, RequestHandler  # noqa: E402
 from tornado.websocket import WebSocketHandler, websocket_connect  # noqa: E402
 
 from balancesim.actors import RealClock  # noqa: E402
+from balancesim.client import configure_http  # noqa: E402
 from balancesim.engine import Engine  # noqa: E402
 from balancesim.gateway import Principal, make_app  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
@@ -168,9 +169,7 @@ async def burst_phase(urls: list[str], trigger, count: int, kind: str, *, greete
 
 
 async def client_main(cfg: dict) -> dict:
-    # libcurl keeps connections alive; Tornado's simple client opens one per request,
-    # and on two cores those connects would be measured instead of the server.
-    AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient", max_clients=100)
+    configure_http(100)
     latencies = sorted(await latency_phase(cfg))
     base, boss, admins, burst = cfg["base"], cfg["boss"], cfg["admins"], cfg["burst"]
 

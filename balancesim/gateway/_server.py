@@ -64,7 +64,8 @@ async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
         create_demo(engine, echo)
     app = make_app(engine)
     ctx = app.settings["ctx"]
-    sockets = bind_sockets(options.port, options.host)
+    # A deep accept queue: a thousand clients connecting at once must not be reset.
+    sockets = bind_sockets(options.port, options.host, backlog=4096)
     server = HTTPServer(app, xheaders=False, max_body_size=1 << 30)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
