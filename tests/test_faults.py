@@ -135,9 +135,11 @@ def test_hundreds_of_sessions_stay_isolated_while_one_never_reads(serve):
         clients = await asyncio.gather(*(Client.login(server.url, f"iso{i}", "pw") for i in range(200)))
         sessions = await asyncio.gather(*(c.session() for c in clients))
         stalled = await _stalled_admin(server, boss)
+        rss_before = _rss_mb(server)
         for round_ in range(25):
             await asyncio.gather(*(boss.deposit(u["user_id"], "1", description="x" * 400) for u in made))
         await asyncio.gather(*(s.barrier(30) for s in sessions))
+        growth_mb = _rss_mb(server) - rss_before
         problems = [p for s in sessions for p in s.problems]
         foreign = [m for c, s in zip(clients, sessions) for m in s.messages
                    if m.get("type") == "balance_update" and m["user_id"] != c.user_id]
@@ -146,12 +148,19 @@ def test_hundreds_of_sessions_stay_isolated_while_one_never_reads(serve):
         stalled.close()
         for s in sessions:
             await s.close()
-        return problems, foreign, delivered, metrics
+        return problems, foreign, delivered, metrics, growth_mb
 
-    problems, foreign, delivered, metrics = asyncio.run(scenario())
+    problems, foreign, delivered, metrics, growth_mb = asyncio.run(scenario())
     assert problems == [] and foreign == []
+    assert growth_mb < 64, f"server memory grew {growth_mb:.0f} MiB while a session stalled"
     assert delivered == 200 * 25
     assert "balancesim_sessions_closed_slow_total 1.0" in metrics
+
+
+def _rss_mb(server) -> float:
+    with open(f"/proc/{server.process.pid}/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return kib / 1024
 
 
 async def _stalled_admin(server, boss):
