@@ -171,6 +171,10 @@ function steps(who) {
       await arrival((m) => m.type === "trade_update" && m.trade.trade_id === trade.trade_id);
       return trade;
     }],
+    ["60 s down option: stake debited and trade opened", async () => {
+      const { trade } = await api("POST", "/api/options", { symbol: "ETHUSDT", direction: "down", amount: "1", duration: 60 });
+      await arrival((m) => m.type === "trade_update" && m.trade.trade_id === trade.trade_id && m.trade.duration === 60);
+    }],
     ["spot buy: both legs arrive", async () => {
       const { order } = await api("POST", "/api/spot/orders", { symbol: "ETHUSDT", side: "buy", quantity: "0.001" });
       for (const tx of order.transactions) await arrival(update(tx));
@@ -206,7 +210,7 @@ function steps(who) {
     }],
   ];
   if (who.role === "superadmin") return [...superadmin, ...admin, ...trading, ...common];
-  if (who.role === "admin") return [...admin, ...common];
+  if (who.role === "admin") return [...admin, ...trading, ...common];
   return [...trading, ...common];
 }
 
