@@ -38,7 +38,7 @@ from tornado.websocket import WebSocketHandler, websocket_connect  # noqa: E402
 from balancesim.actors import RealClock  # noqa: E402
 from balancesim.client import configure_http  # noqa: E402
 from balancesim.engine import Engine  # noqa: E402
-from balancesim.gateway import Principal, make_app  # noqa: E402
+from balancesim.gateway import Principal, make_app, tune_gc  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
 
 
@@ -201,6 +201,7 @@ async def client_main(cfg: dict) -> dict:
 
 
 async def server_main(args: argparse.Namespace) -> dict:
+    tune_gc()  # the policy balancesim serve runs with
     tmp = tempfile.mkdtemp()
     engine = Engine(f"{tmp}/fanout.db", clock=RealClock(), password_cost=2).start()
     app = make_app(engine, tick_interval_s=3600)
