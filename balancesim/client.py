@@ -95,7 +95,8 @@ class Client:
             )
         except HTTPClientError as error:
             if error.response is None:
-                raise
+                # No answer at all (libcurl reports refusals as 599): the server is unreachable.
+                raise ConnectionError(f"{self.base_url}: {error}") from None
             try:
                 detail = json.loads(error.response.body)["error"]
             except (ValueError, KeyError, TypeError):
