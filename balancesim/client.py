@@ -28,9 +28,11 @@ from typing import Any, Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-__all__ = ["ApiError", "Client", "Session", "Stream", "OWN_TYPES", "configure_http", "out_of_sync"]
+__all__ = ["ApiError", "Client", "Session", "Stream", "Unreachable", "OWN_TYPES", "configure_http", "out_of_sync"]
 
 OWN_TYPES = ("balance_update", "trade_update", "trading_control_update")
+UNAUTHORIZED_CLOSE = 4001
+RECONNECT_ATTEMPTS = 50
 
 
 def configure_http(max_clients: int) -> str:
@@ -46,6 +48,14 @@ def configure_http(max_clients: int) -> str:
         return "simple"
     AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient", max_clients=max_clients)
     return "curl"
+
+
+class Unreachable(ConnectionError):
+    """No answer from the server at all: refused, reset or timed out."""
+
+    def __init__(self, base_url: str, reason: Exception) -> None:
+        super().__init__(f"cannot reach {base_url}: {reason}")
+        self.base_url = base_url
 
 
 class ApiError(Exception):
@@ -93,10 +103,12 @@ class Client:
                 self.base_url + path, method=method, headers=headers, allow_nonstandard_methods=True,
                 body=None if body is None else json.dumps(body), request_timeout=60,
             )
+        except OSError as error:
+            raise Unreachable(self.base_url, error) from None
         except HTTPClientError as error:
             if error.response is None:
                 # No answer at all (libcurl reports refusals as 599): the server is unreachable.
-                raise ConnectionError(f"{self.base_url}: {error}") from None
+                raise Unreachable(self.base_url, error) from None
             try:
                 detail = json.loads(error.response.body)["error"]
             except (ValueError, KeyError, TypeError):
@@ -109,26 +121,36 @@ class Client:
 
     # -- operations (PROTOCOL.md's table) ------------------------------------------
 
+    # Every operation takes ``key=`` (an Idempotency-Key) and ``timing=`` (a callback
+    # given the call's seconds), and raises ``ApiError`` on a refusal.
+
     async def create_user(self, username: str, password: str, role: str = "user", **kw: Any) -> dict:
+        """Admin+: ``{user_id, username, role}``; a taken name is ``409 conflict``."""
         return await self.request("POST", "/api/users", {"username": username, "password": password, "role": role}, **kw)
 
     async def users(self) -> list[dict]:
+        """Admin+: every account with its balances, version and control mode."""
         return (await self.request("GET", "/api/users"))["users"]
 
     async def balance(self, user_id: int | None = None) -> dict:
+        """``{user_id, balances, version, control_mode}``: one's own, or (admin+) any account's."""
         return await self.request("GET", "/api/balance" if user_id is None else f"/api/users/{user_id}/balance")
 
     async def transactions(self, user_id: int | None = None, after_version: int = 0, limit: int = 100) -> list[dict]:
+        """Entries above ``after_version``, oldest first: one's own, or (admin+) any account's."""
         path = "/api/transactions" if user_id is None else f"/api/users/{user_id}/transactions"
         return (await self.request("GET", f"{path}?after_version={after_version}&limit={limit}"))["transactions"]
 
     async def deposit(self, user_id: int, amount: str, asset: str = "USDT", description: str = "", **kw: Any) -> dict:
+        """Superadmin: credit ``amount`` (a decimal string); the ``Transaction``."""
         return await self._money("deposits", user_id, amount, asset, description, **kw)
 
     async def withdraw(self, user_id: int, amount: str, asset: str = "USDT", description: str = "", **kw: Any) -> dict:
+        """Superadmin: debit ``amount``; the ``Transaction`` (``409 insufficient_funds`` if short)."""
         return await self._money("withdrawals", user_id, amount, asset, description, **kw)
 
     async def adjust(self, user_id: int, amount: str, asset: str = "USDT", description: str = "adjustment", **kw: Any) -> dict:
+        """Superadmin: a signed correction (``"-0.5"``); never below zero."""
         return await self._money("adjustments", user_id, amount, asset, description, **kw)
 
     async def _money(self, kind: str, user_id: int, amount: str, asset: str, description: str, **kw: Any) -> dict:
@@ -136,23 +158,29 @@ class Client:
         return (await self.request("POST", f"/api/admin/{kind}", body, **kw))["transaction"]
 
     async def set_control(self, user_id: int, mode: str, **kw: Any) -> dict:
+        """Superadmin: ``normal``, ``win`` or ``lose`` for the account's next settlements."""
         return await self.request("PUT", f"/api/admin/controls/{user_id}", {"mode": mode}, **kw)
 
     async def force(self, trade_id: str, outcome: str, **kw: Any) -> dict:
+        """Admin+: fix an open trade's outcome (``win``/``lose``) at expiry; the ``Trade``."""
         return (await self.request("POST", f"/api/admin/trades/{trade_id}/force", {"outcome": outcome}, **kw))["trade"]
 
     async def open_option(self, symbol: str, direction: str, amount: str, duration: int, **kw: Any) -> dict:
+        """Stake ``amount`` USDT on ``symbol`` going ``up``/``down`` for 30 or 60 s; the open ``Trade``."""
         body = {"symbol": symbol, "direction": direction, "amount": amount, "duration": duration}
         return (await self.request("POST", "/api/options", body, **kw))["trade"]
 
     async def options(self, status: str | None = None) -> list[dict]:
+        """One's own trades, ``open`` or ``settled`` or both."""
         return (await self.request("GET", "/api/options" + (f"?status={status}" if status else "")))["trades"]
 
     async def spot(self, symbol: str, side: str, quantity: str, **kw: Any) -> dict:
+        """Buy or sell ``quantity`` at the market price; the order with both legs' transactions."""
         body = {"symbol": symbol, "side": side, "quantity": quantity}
         return (await self.request("POST", "/api/spot/orders", body, **kw))["order"]
 
     async def market(self) -> dict:
+        """``{prices, ts}``."""
         return await self.request("GET", "/api/market")
 
     async def session(self, since: int | None = None) -> Session:
@@ -185,10 +213,12 @@ class Stream:
             if self.version is None:
                 self.version = message["version"]
         elif kind == "balance_update" and message["user_id"] == self.user_id:
-            expected = (self.version or 0) + 1
-            if message["version"] != expected:
-                self.problems.append(f"version {message['version']} arrived, expected {expected}")
-            self.version = max(self.version or 0, message["version"])
+            version, expected = message["version"], (self.version or 0) + 1
+            if version < expected:
+                self.problems.append(f"duplicate: version {version} arrived again after {expected - 1}")
+            elif version > expected:
+                self.problems.append(f"gap: version {version} arrived, expected {expected}")
+            self.version = max(expected - 1, version)
             self.balances[message["asset"]] = message["balance"]
         if kind in OWN_TYPES and self.role == "user":
             owner = message["trade"]["user_id"] if kind == "trade_update" else message["user_id"]
@@ -229,7 +259,12 @@ async def out_of_sync(stream: Stream, stored: Callable[[], Any], barrier: Callab
 
 
 class Session(Stream):
-    """A live WebSocket stream; on a drop (4008, network) it reconnects with ``since``."""
+    """A live WebSocket stream, checked as it arrives (see ``Stream``).
+
+    On a drop (a 4008 close, a server restart, a broken connection) it reconnects
+    with ``since`` = the last version it saw, so the server replays what it missed;
+    after a 4001 close or a 401 it stops and says so in ``problems``.
+    """
 
     def __init__(self, client: Client, since: int | None = None) -> None:
         super().__init__(client.user_id, client.role, since)
@@ -241,11 +276,26 @@ class Session(Stream):
         self._arrived = asyncio.Event()
 
     async def connect(self) -> None:
+        """Open the socket (with ``since`` once a version is known) and read ``user_balance_init``.
+
+        Raises:
+            Unreachable: no server answers.
+            ApiError: the handshake was refused (401 for a bad token), or the first
+                message was not ``user_balance_init``.
+        """
         url = self.client.base_url.replace("http", "ws", 1) + f"/ws?token={self.client.token}"
         if self.version is not None:
             url += f"&since={self.version}"
-        self._conn = await websocket_connect(url, max_message_size=16 * 1024 * 1024)
-        init = json.loads(await self._conn.read_message())
+        try:
+            self._conn = await websocket_connect(url, max_message_size=16 * 1024 * 1024)
+        except OSError as error:
+            raise Unreachable(self.client.base_url, error) from None
+        except HTTPClientError as error:
+            if error.response is None:
+                raise Unreachable(self.client.base_url, error) from None
+            raise ApiError(error.code, "unauthorized" if error.code == 401 else "http_error", str(error)) from None
+        raw = await self._conn.read_message()
+        init = json.loads(raw) if raw is not None else {"close_code": self._conn.close_code}
         if init.get("type") != "user_balance_init":
             raise ApiError(0, "protocol", f"expected user_balance_init, got {init}")
         self.record(init)
@@ -253,21 +303,30 @@ class Session(Stream):
 
     async def _read(self) -> None:
         assert self._conn is not None
-        while True:
-            raw = await self._conn.read_message()
-            if raw is None:
-                break
-            self.record(json.loads(raw))
+        while (raw := await self._conn.read_message()) is not None:
+            try:
+                self.record(json.loads(raw))
+            except (ValueError, KeyError, TypeError) as error:
+                self.problems.append(f"malformed message {raw[:200]!r}: {error!r}")
         if self._closing:
             return
+        if self._conn.close_code == UNAUTHORIZED_CLOSE:
+            # The token is no longer valid: reconnecting would be refused the same way.
+            self.problems.append(f"closed with {UNAUTHORIZED_CLOSE}: {self._conn.close_reason or 'unauthorized'}")
+            return
         self.reconnects += 1
-        for attempt in range(50):
+        for attempt in range(RECONNECT_ATTEMPTS):
             try:
                 await self.connect()
                 return
+            except ApiError as error:
+                if error.status == 401:
+                    self.problems.append(f"reconnecting was refused: {error}")
+                    return
             except Exception:  # noqa: BLE001 - the server may be restarting: keep trying
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
-        self.problems.append("could not reconnect")
+                pass
+            await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+        self.problems.append(f"could not reconnect in {RECONNECT_ATTEMPTS} attempts")
 
     def record(self, message: dict[str, Any]) -> None:
         super().record(message)
