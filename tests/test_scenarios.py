@@ -70,6 +70,9 @@ def test_a_broken_expectation_fails_with_a_readable_report(tmp_path):
         ("[participants]\nann = { role = 'user' }\n\n[[steps]]\ndo = 'option'\nas = 'bob'\nsymbol='BTCUSDT'\ndirection='up'\namount='1'\nduration=30\n", 4, "as = 'bob' is not a participant"),
         ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nexpect = 'balance'\nwho = 'ann'\n", 4, "needs equals"),
         ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nadvance = 1\ncolor = 'red'\n", 4, "advance takes a positive number"),
+        ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nexpect = 'message'\nwho = 'ann'\ntype = 'x'\nfields = 3\n", 4, "step 1: fields must be a table"),
+        ("seed = 1\n\n[crowd]\ncount = 0\n", 3, "crowd needs count = 1 to"),
+        ("participants = 'ann'\n", 1, "participants must be a table"),
     ],
 )
 def test_a_malformed_file_names_the_file_the_line_and_the_problem(tmp_path, text, line, problem):

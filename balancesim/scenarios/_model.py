@@ -2,8 +2,10 @@
 
 A step is one table of ``[[steps]]`` and has exactly one of ``do`` (an operation),
 ``advance`` (simulated seconds) or ``expect`` (a check). ``$name`` in a value
-stands for a participant's user id or a saved trade/order id. A file that breaks
-these rules is refused with its path, the line and what is wrong.
+stands for a participant's user id or a saved trade/order id. ``[crowd]`` adds
+``count`` generated participants (``prefix`` + a zero-padded number: ``u0001`` …)
+for scenarios too big to list. A file that breaks these rules is refused with its
+path, the line and what is wrong.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["Scenario", "Step", "Participant", "ScenarioError", "load", "OPS", "EXPECTS", "FILES"]
 
 FILES = Path(__file__).parent / "files"
 ROLES = ("user", "admin", "superadmin")
+MAX_CROWD = 100_000
+TOP_LEVEL = ("name", "description", "seed", "participants", "crowd", "steps")
+STEP_HEADER = re.compile(r"^\s*\[\[\s*steps\s*\]\]\s*(#.*)?$")
 
 # op → (required keys, optional keys); ``as`` names who performs it.
 OPS: dict[str, tuple[set[str], set[str]]] = {
@@ -37,6 +42,15 @@ EXPECTS: dict[str, tuple[set[str], set[str]]] = {
     "balance": ({"who", "equals"}, {"asset"}),
     "trade": ({"trade", "status"}, {"decided_by"}),
     "history": ({"who", "contains"}, set()),
+}
+# Keys whose shape the interpreter relies on; operation arguments are left to the engine to refuse.
+SHAPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "fields": ((dict,), "a table"),
+    "contains": ((dict,), "a table"),
+    "types": ((list,), "a list of message types"),
+    "status": ((str, list), "a status or a list of them"),
+    "rounds": ((int,), "a positive integer"),
+    "every_s": ((int, float), "a positive number of seconds"),
 }
 
 
@@ -94,32 +108,25 @@ def load(name_or_path: str) -> Scenario:
     except tomllib.TOMLDecodeError as error:
         line = getattr(error, "lineno", None) or _line_of_decode_error(str(error))
         raise ScenarioError(where, line, f"not valid TOML: {error}") from None
-    lines = text.splitlines()
-    step_lines = [i + 1 for i, line in enumerate(lines) if line.strip() == "[[steps]]"]
-
-    def line_of(pattern: str) -> int | None:
-        regex = re.compile(pattern)
-        return next((i + 1 for i, line in enumerate(lines) if regex.search(line)), None)
-
+    source = _Source(where, text.splitlines())
     for key in data:
-        if key not in ("name", "description", "seed", "participants", "steps"):
-            raise ScenarioError(where, line_of(rf"^\s*\[?{re.escape(key)}\b"), f"unknown key {key!r}")
-    participants = {}
-    for name, spec in data.get("participants", {}).items():
-        line = line_of(rf"^\s*{re.escape(name)}\s*=")
-        if not isinstance(spec, dict) or spec.get("role") not in ROLES:
-            raise ScenarioError(where, line, f"participant {name!r} needs role = user, admin or superadmin")
-        extra = set(spec) - {"role", "deposit"}
-        if extra:
-            raise ScenarioError(where, line, f"participant {name!r} has unknown keys {sorted(extra)}")
-        participants[name] = Participant(name, spec["role"], spec.get("deposit"))
+        if key not in TOP_LEVEL:
+            source.fail(rf"^\s*\[?{re.escape(key)}\b", f"unknown key {key!r}")
+    participants = _participants(source, data.get("participants", {}))
+    participants.update(_crowd(source, data.get("crowd"), participants))
     if not participants:
-        raise ScenarioError(where, line_of(r"participants"), "a scenario needs [participants]")
+        source.fail(r"participants", "a scenario needs [participants] or [crowd]")
     seed = data.get("seed", 0)
     if type(seed) is not int:
-        raise ScenarioError(where, line_of(r"^\s*seed\s*="), "seed must be an integer")
+        source.fail(r"^\s*seed\s*=", "seed must be an integer")
+    for key in ("name", "description"):
+        if not isinstance(data.get(key, ""), str):
+            source.fail(rf"^\s*{key}\s*=", f"{key} must be a string")
     scenario = Scenario(data.get("name", path.stem), where, data.get("description", ""), seed, participants)
     raw_steps = data.get("steps", [])
+    if not isinstance(raw_steps, list):
+        source.fail(r"^\s*steps\s*=", "steps must be [[steps]] tables")
+    step_lines = [i + 1 for i, line in enumerate(source.lines) if STEP_HEADER.match(line)]
     for number, raw in enumerate(raw_steps, start=1):
         line = step_lines[number - 1] if number <= len(step_lines) else None
         _check_step(where, line, number, raw, participants)
@@ -127,15 +134,75 @@ def load(name_or_path: str) -> Scenario:
     return scenario
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A file's lines, to name the line of a problem found after parsing."""
+
+    where: str
+    lines: list[str]
+
+    def line_of(self, pattern: str) -> int | None:
+        regex = re.compile(pattern)
+        return next((i + 1 for i, line in enumerate(self.lines) if regex.search(line)), None)
+
+    def fail(self, pattern: str, message: str) -> NoReturn:
+        raise ScenarioError(self.where, self.line_of(pattern), message)
+
+
+def _participants(source: _Source, table: Any) -> dict[str, Participant]:
+    if not isinstance(table, dict):
+        source.fail(r"^\s*participants\s*=", "participants must be a table: name = { role = ... }")
+    participants = {}
+    for name, spec in table.items():
+        at = rf"^\s*{re.escape(name)}\s*="
+        if not isinstance(spec, dict) or spec.get("role") not in ROLES:
+            source.fail(at, f"participant {name!r} needs role = user, admin or superadmin")
+        extra = set(spec) - {"role", "deposit"}
+        if extra:
+            source.fail(at, f"participant {name!r} has unknown keys {sorted(extra)}")
+        if not isinstance(spec.get("deposit", ""), str):
+            source.fail(at, f"participant {name!r}: deposit must be a decimal string like \"100\"")
+        participants[name] = Participant(name, spec["role"], spec.get("deposit"))
+    return participants
+
+
+def _crowd(source: _Source, spec: Any, named: dict[str, Participant]) -> dict[str, Participant]:
+    """``[crowd]`` → ``count`` generated participants named ``prefix`` + a zero-padded number."""
+    if spec is None:
+        return {}
+    at = r"^\s*\[crowd\]|^\s*crowd\s*="
+    if not isinstance(spec, dict) or set(spec) - {"count", "prefix", "role", "deposit"}:
+        source.fail(at, "crowd takes count, prefix, role and deposit")
+    count, prefix = spec.get("count"), spec.get("prefix", "u")
+    if type(count) is not int or not 1 <= count <= MAX_CROWD:
+        source.fail(at, f"crowd needs count = 1 to {MAX_CROWD}")
+    if not isinstance(prefix, str) or not prefix:
+        source.fail(at, "crowd's prefix must be a non-empty string")
+    role, deposit = spec.get("role", "user"), spec.get("deposit")
+    if role not in ROLES:
+        source.fail(at, "crowd's role must be user, admin or superadmin")
+    if not isinstance(deposit, (str, type(None))):
+        source.fail(at, "crowd's deposit must be a decimal string like \"100\"")
+    width = len(str(count))
+    crowd = {f"{prefix}{i:0{width}d}": Participant(f"{prefix}{i:0{width}d}", role, deposit) for i in range(1, count + 1)}
+    clash = sorted(set(crowd) & set(named))
+    if clash:
+        source.fail(at, f"crowd names clash with participants {clash[:3]}")
+    return crowd
+
+
 def _line_of_decode_error(message: str) -> int | None:
     found = re.search(r"line (\d+)", message)
     return int(found.group(1)) if found else None
 
 
-def _check_step(where: str, line: int | None, number: int, raw: dict, participants: dict) -> None:
-    def fail(message: str) -> None:
+
+def _check_step(where: str, line: int | None, number: int, raw: Any, participants: dict) -> None:
+    def fail(message: str) -> NoReturn:
         raise ScenarioError(where, line, f"step {number}: {message}")
 
+    if not isinstance(raw, dict):
+        fail("a step is a [[steps]] table")
     kinds = [k for k in ("do", "advance", "expect") if k in raw]
     if len(kinds) != 1:
         fail("needs exactly one of do, advance or expect")
@@ -154,6 +221,9 @@ def _check_step(where: str, line: int | None, number: int, raw: dict, participan
     unknown = set(raw) - required - optional - COMMON - {kind}
     if unknown:
         fail(f"unknown keys {sorted(unknown)}")
+    for key, (shapes, shape) in SHAPES.items():
+        if key in raw and (type(raw[key]) not in shapes or (type(raw[key]) in (int, float) and raw[key] <= 0)):
+            fail(f"{key} must be {shape}")
     for key in ("as", "to", "who"):
         if key in raw and raw[key] not in participants:
             fail(f"{key} = {raw[key]!r} is not a participant")

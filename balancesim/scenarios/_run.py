@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class Outcome:
     messages_checked: int = 0
     problems: list[str] = field(default_factory=list)
     ledger: str = ""
+    trades: int | None = None  # in the ledger at the end, when it was checked
     digest: str | None = None
     seconds: float = 0.0
 
@@ -203,7 +205,7 @@ async def run_scenario(scenario: Scenario, world: Any, seed: int | None = None) 
         await judge(world, outcome)
     finally:
         finished = await world.finish()
-    outcome.ledger, outcome.digest = finished["ledger"], finished.get("digest")
+    outcome.ledger, outcome.digest, outcome.trades = finished["ledger"], finished.get("digest"), finished.get("trades")
     outcome.ok = outcome.ok and finished["ledger_ok"] and not outcome.problems
     outcome.seconds = time.perf_counter() - started
     return outcome
@@ -211,9 +213,11 @@ async def run_scenario(scenario: Scenario, world: Any, seed: int | None = None) 
 
 async def judge(world: Any, outcome: Outcome) -> None:
     """Order and gaps, isolation, and shown balances equal to stored ones, for every session."""
-    for name, stream in world.streams.items():
-        outcome.messages_checked += len(stream.messages)
-        outcome.problems += [f"{name}: {problem}" for problem in stream.problems]
+
+    async def check(name: str, stream: Any) -> list[str]:
         problem = await out_of_sync(stream, lambda: world.balance(name), getattr(stream, "barrier", world.barrier))
-        if problem:
-            outcome.problems.append(f"{name}: {problem}")
+        return [f"{name}: {p}" for p in [*stream.problems, *([problem] if problem else [])]]
+
+    found = await asyncio.gather(*(check(name, stream) for name, stream in world.streams.items()))
+    outcome.messages_checked += sum(len(stream.messages) for stream in world.streams.values())
+    outcome.problems += [problem for problems in found for problem in problems]

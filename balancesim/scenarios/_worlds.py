@@ -14,19 +14,27 @@ import secrets
 import sqlite3
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from balancesim import errors
 from balancesim.actors import VirtualClock, failed
 from balancesim.auth import MAY
-from balancesim.client import ApiError, Client, Session, Stream
+from balancesim.client import ApiError, Client, Session, Stream, configure_http
 from balancesim.engine import Engine
 from balancesim.reports import verify
 from balancesim.routing import ADMIN_ROLES, ADMINS, EVERYONE, OWNER, route
 from balancesim.scenarios._model import Participant
 
 __all__ = ["OpFailed", "InProcessWorld", "RemoteWorld", "ledger_digest"]
+
+# How long after a trade's expiry the remote runner waits for its settlement.
+SETTLE_GRACE_S = 30.0
+# Participants joining at once: the server hashes each one's password.
+SETUP_CONCURRENCY = 32
+# Concurrent HTTP requests: a crowd's operations of one step all go out together.
+HTTP_CONNECTIONS = 64
 
 
 class OpFailed(Exception):
@@ -62,6 +70,9 @@ class InProcessWorld:
         self.streams: dict[str, Stream] = {}
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._usernames: dict[int, str] = {}
+        # Audiences indexed once: a virtual day routes ~100k deliveries.
+        self._owned: dict[int, list[Stream]] = collections.defaultdict(list)
+        self._admins: list[Stream] = []
         self.engine.subscribe(self._pending.append)
 
     async def setup(self, participants: dict[str, Participant]) -> None:
@@ -78,6 +89,9 @@ class InProcessWorld:
         self._pending.clear()
         for p in participants.values():
             stream = self.streams[p.name] = Stream(self.ids[p.name], p.role)
+            self._owned[stream.user_id].append(stream)
+            if p.role in ADMIN_ROLES:
+                self._admins.append(stream)
             balance = self.engine.balance(self.ids[p.name])
             stream.record({"type": "user_balance_init", **balance, "ts": ""})
 
@@ -118,13 +132,13 @@ class InProcessWorld:
                     for stream in self._audience(delivery):
                         stream.record(delivery.message)
 
-    def _audience(self, delivery: Any) -> list[Stream]:
+    def _audience(self, delivery: Any) -> Iterable[Stream]:
         if delivery.audience == OWNER:
-            return [s for s in self.streams.values() if s.user_id == delivery.user_id]
+            return self._owned.get(delivery.user_id, ())
         if delivery.audience == ADMINS:
-            return [s for s in self.streams.values() if s.role in ADMIN_ROLES]
+            return self._admins
         assert delivery.audience == EVERYONE
-        return list(self.streams.values())
+        return self.streams.values()
 
     async def advance(self, seconds: float) -> None:
         self.engine.advance(seconds)
@@ -146,7 +160,8 @@ class InProcessWorld:
     async def finish(self) -> dict[str, Any]:
         self.engine.stop()
         report = verify(self.path)
-        result = {"ledger": report.text(), "ledger_ok": report.ok, "digest": ledger_digest(self.path)}
+        result = {"ledger": report.text(), "ledger_ok": report.ok, "trades": report.trades,
+                  "digest": ledger_digest(self.path)}
         self.tmp.cleanup()
         return result
 
@@ -166,21 +181,29 @@ class RemoteWorld:
         self.clients: dict[str, Client] = {}
         self.streams: dict[str, Session] = {}
         self.virtual_s = 0.0
-        self.open: dict[str, tuple[str, float]] = {}
+        # trade_id → (owner, simulated due time, the server's expires_at as epoch seconds)
+        self.open: dict[str, tuple[str, float, float]] = {}
 
     async def setup(self, participants: dict[str, Participant]) -> None:
+        configure_http(HTTP_CONNECTIONS)
         self.admin = await Client.login(self.url, self.admin_user, self.admin_password)
         suffix = secrets.token_hex(3)
         self.usernames = {p.name: f"{p.name}-{suffix}" for p in participants.values()}
-        for p in participants.values():
-            password = secrets.token_urlsafe(12)
-            created = await self.admin.create_user(self.usernames[p.name], password, p.role)
-            self.ids[p.name] = created["user_id"]
-            self.clients[p.name] = await Client.login(self.url, self.usernames[p.name], password)
-            if p.deposit:
-                await self.admin.deposit(created["user_id"], p.deposit, description="starting balance")
-        for name, client in self.clients.items():
-            self.streams[name] = await client.session()
+        gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+        async def join(p: Participant) -> Client:
+            async with gate:
+                password = secrets.token_urlsafe(12)
+                created = await self.admin.create_user(self.usernames[p.name], password, p.role)
+                if p.deposit:
+                    await self.admin.deposit(created["user_id"], p.deposit, description="starting balance")
+                return await Client.login(self.url, self.usernames[p.name], password)
+
+        # In the file's order, whatever order the server answered in.
+        self.clients = dict(zip(participants, await asyncio.gather(*(join(p) for p in participants.values()))))
+        self.ids = {name: client.user_id for name, client in self.clients.items()}
+        sessions = await asyncio.gather(*(client.session() for client in self.clients.values()))
+        self.streams = dict(zip(self.clients, sessions))
 
     async def op(self, actor: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
         return (await self.op_many(actor, [(op, args)]))[0]
@@ -198,7 +221,8 @@ class RemoteWorld:
                     return {"trade": await c.force(a["trade"], a["outcome"])}
                 if op == "option":
                     trade = await c.open_option(a["symbol"], a["direction"], a["amount"], a["duration"])
-                    self.open[trade["trade_id"]] = (who, self.virtual_s + a["duration"])
+                    expires_at = datetime.fromisoformat(trade["expires_at"]).timestamp()
+                    self.open[trade["trade_id"]] = (who, self.virtual_s + a["duration"], expires_at)
                     return {"trade": trade}
                 return {"order": await c.spot(a["symbol"], a["side"], a["quantity"])}
             except ApiError as error:
@@ -207,20 +231,29 @@ class RemoteWorld:
         return await asyncio.gather(*(one(actors[i] if actors else actor, op, a) for i, (op, a) in enumerate(calls)))
 
     async def advance(self, seconds: float) -> None:
+        """Wait until every trade due by the new simulated time has settled.
+
+        Each wait is for the owner's session to receive the settled ``trade_update``
+        and ends at the trade's ``expires_at`` plus a grace period, so a settlement
+        that never comes fails the step instead of hanging the run.
+        """
         self.virtual_s += seconds
-        due = {t: who for t, (who, at) in self.open.items() if at <= self.virtual_s}
-        deadline = time.monotonic() + 120
-        while due:
-            for who in set(due.values()):
-                still = {t["trade_id"] for t in await self.clients[who].options("open")}
-                for trade_id in [t for t, w in due.items() if w == who and t not in still]:
-                    del due[trade_id]
-                    del self.open[trade_id]
-            if due:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(due)} trades did not settle in time")
-                await asyncio.sleep(0.05)
+        due = {t: (who, expires) for t, (who, at, expires) in self.open.items() if at <= self.virtual_s}
+        await asyncio.gather(*(self._settled(t, who, expires) for t, (who, expires) in due.items()))
+        for trade_id in due:
+            del self.open[trade_id]
         await self.barrier()
+
+    async def _settled(self, trade_id: str, owner: str, expires_at: float) -> None:
+        def settled(message: dict[str, Any]) -> bool:
+            return message["trade"]["trade_id"] == trade_id and message["trade"]["status"] != "open"
+
+        try:
+            await self.streams[owner].wait_for(
+                "trade_update", settled, timeout_s=max(0.0, expires_at - time.time()) + SETTLE_GRACE_S
+            )
+        except TimeoutError:
+            raise TimeoutError(f"trade {trade_id} had not settled {SETTLE_GRACE_S:g} s after it expired") from None
 
     async def barrier(self) -> None:
         await asyncio.gather(*(s.barrier() for s in self.streams.values()))
@@ -248,4 +281,4 @@ class RemoteWorld:
         if self.db is None:
             return {"ledger": "ledger not checked (give --db to verify the server's file)", "ledger_ok": True}
         report = verify(self.db)
-        return {"ledger": report.text(), "ledger_ok": report.ok}
+        return {"ledger": report.text(), "ledger_ok": report.ok, "trades": report.trades}
