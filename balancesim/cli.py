@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from typing import Any, Callable
 
@@ -159,52 +158,6 @@ def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | Non
 
 
 @cli.command()
-@click.option("--users", type=click.IntRange(1, 100_000), required=True, help="How many users, each with its own session.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), required=True, help="Seconds of load.")
-@click.option("--url", help="A running server; without it an embedded one is started on a free loopback port.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here (and the chart beside it, .html).")
-@click.option("--mix", default="option=5,spot=3,deposit=2,control=1", show_default=True, help="Operation weights.")
-@click.option("--think", "think_s", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Mean seconds between one user's operations.")
-@click.option("--admin-user", default="superadmin", show_default=True, help="With --url: the superadmin participant.")
-@click.option("--admin-password", default="superadmin123", show_default=True, help="With --url: its password.")
-@click.option("--db", "db_path", type=click.Path(exists=True, dir_okay=False), help="With --url: the server's ledger, to verify.")
-def load(users: int, duration: float, url: str | None, report_path: str | None, mix: str, think_s: float,
-         admin_user: str, admin_password: str, db_path: str | None) -> None:
-    """Multi-user load over real HTTP and WebSocket connections; prints a report."""
-    import asyncio
-
-    from balancesim.load import LoadOptions, parse_mix, render_chart, run_load
-
-    try:
-        weights = parse_mix(mix)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--mix") from None
-
-    def progress(elapsed: float, totals: dict) -> None:
-        done = min(1.0, elapsed / duration)
-        click.echo(f"\r[{'#' * int(done * 30):<30}] {elapsed:5.0f}/{duration:.0f} s  {totals['ok']} ok  "
-                   f"{totals['errors']} refused", nl=False, err=True)
-
-    options = LoadOptions(users, duration, url, admin_user, admin_password, weights, think_s, db_path, progress)
-    try:
-        report = asyncio.run(run_load(options))
-    except (ConnectionError, OSError) as error:
-        click.echo(f"Error: cannot reach {url}: {error}", err=True)
-        sys.exit(2)
-    click.echo("", err=True)
-    summary = {k: v for k, v in report.items() if k != "series"}
-    click.echo(json.dumps(summary, indent=2))
-    if report_path:
-        with open(report_path, "w") as out:
-            json.dump(report, out, indent=2)
-        chart = os.path.splitext(report_path)[0] + ".html"
-        with open(chart, "w") as out:
-            out.write(render_chart(report))
-        click.echo(f"report: {report_path}, chart: {chart}", err=True)
-    sys.exit(130 if report["interrupted"] else 0 if report["verdict"]["ok"] else 1)
-
-
-@cli.command()
 @click.option("--trials", type=click.IntRange(1), default=5, show_default=True, help="Kill-and-restart trials.")
 @click.option("--users", type=click.IntRange(1, 200), default=6, show_default=True, help="Concurrent users per trial.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the moments of the kills and the operations.")
@@ -224,9 +177,10 @@ def chaos(trials: int, users: int, seed: int) -> None:
 
 
 def _register() -> None:
-    from balancesim.scenarios.cli import scenario
+    from balancesim.scenarios.cli import load, scenario
 
     cli.add_command(scenario)
+    cli.add_command(load)
 
 
 _register()

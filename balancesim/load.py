@@ -5,14 +5,20 @@ the mix, do it, think for a random moment. Deposits and control changes are made
 for the user by a superadmin participant. Every HTTP call is timed, and so is
 every mutation until its ``balance_update`` reaches the owner's session. The
 report says what ran, how fast, and whether every session stayed in sync.
+
+Example::
+
+    report = asyncio.run(run_load(LoadOptions(users=50, duration_s=5)))
+    print(report["throughput_ops_per_s"], report["verdict"]["ok"])
+    write_report(report, "load.json")      # and load.html, the chart
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import html
 import json
+import math
 import os
 import random
 import secrets
@@ -20,18 +26,25 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from hdrh.histogram import HdrHistogram
 
 from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
+from balancesim.charts import render_chart
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
 
-__all__ = ["LoadOptions", "run_load", "render_chart", "DEFAULT_MIX", "parse_mix"]
+__all__ = ["LoadOptions", "run_load", "render_chart", "write_report", "summary", "DEFAULT_MIX", "parse_mix"]
 
 DEFAULT_MIX = {"option": 5, "spot": 3, "deposit": 2, "control": 1}
 PERCENTILES = (50, 90, 99, 99.9)
+# The change types of the mutations load makes itself, so the ones it waits to see delivered.
+TIMED = frozenset({"deposit", "spot_buy", "spot_sell", "option_stake"})
+# Throwaway users: a cheap scrypt cost lets 1,000 of them log in within seconds.
+EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024")
+SETUP_CONCURRENCY = 32
+CHART_POINTS = 300
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -47,6 +60,20 @@ def parse_mix(text: str) -> dict[str, int]:
 
 @dataclass
 class LoadOptions:
+    """What to run.
+
+    Attributes:
+        users: how many users, each logged in with its own session.
+        duration_s: seconds of load after setup.
+        url: a running server; ``None`` starts an embedded one (a subprocess).
+        admin_user: the superadmin participant that creates users, deposits and sets modes.
+        admin_password: its password.
+        mix: operation → weight (see ``DEFAULT_MIX``).
+        think_s: mean seconds between one user's operations.
+        db: the server's ledger file, to run ``ledger verify`` on (embedded: set for you).
+        progress: called about once a second with the elapsed seconds and ``{ok, errors}``.
+    """
+
     users: int
     duration_s: float
     url: str | None = None
@@ -55,22 +82,27 @@ class LoadOptions:
     mix: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MIX))
     think_s: float = 1.0
     db: str | None = None
-    progress: Callable[[float, dict[str, Any]], None] | None = None
+    progress: Callable[[float, dict[str, int]], None] | None = None
 
 
 class Latency:
-    """An HDR histogram in microseconds, plus a per-second series for the chart."""
+    """An HDR histogram in microseconds, plus one per time bucket for the chart."""
 
-    def __init__(self) -> None:
-        self.hist = HdrHistogram(1, 120_000_000, 3)
+    def __init__(self, bucket_s: float) -> None:
+        self.bucket_s = bucket_s
+        self.hist = _histogram()
         self.series: dict[int, HdrHistogram] = {}
 
     def record(self, seconds: float, at_s: float) -> None:
         micros = max(1, int(seconds * 1e6))
         self.hist.record_value(micros)
-        self.series.setdefault(int(at_s), HdrHistogram(1, 120_000_000, 3)).record_value(micros)
+        bucket = int(at_s / self.bucket_s)
+        if bucket not in self.series:
+            self.series[bucket] = _histogram()
+        self.series[bucket].record_value(micros)
 
     def summary(self) -> dict[str, float]:
+        """count, p50/p90/p99/p99.9 and max, in milliseconds."""
         if self.hist.get_total_count() == 0:
             return {"count": 0}
         out: dict[str, float] = {"count": self.hist.get_total_count()}
@@ -79,36 +111,55 @@ class Latency:
         out["max_ms"] = round(self.hist.get_max_value() / 1000, 2)
         return out
 
-    def per_second(self) -> list[dict[str, float]]:
-        return [{"t": t, "count": h.get_total_count(), "p50_ms": h.get_value_at_percentile(50) / 1000,
-                 "p99_ms": h.get_value_at_percentile(99) / 1000} for t, h in sorted(self.series.items())]
+    def over_time(self) -> list[dict[str, float]]:
+        """Per bucket: its start ``t`` (s), count, p50 and p99 (ms)."""
+        return [{"t": round(b * self.bucket_s, 2), "count": h.get_total_count(),
+                 "p50_ms": h.get_value_at_percentile(50) / 1000, "p99_ms": h.get_value_at_percentile(99) / 1000}
+                for b, h in sorted(self.series.items())]
+
+    def distribution(self) -> list[list[float]]:
+        """``[percentile, ms]`` pairs along the whole distribution, denser in the tail."""
+        if self.hist.get_total_count() == 0:
+            return []
+        return [[round(step.percentile_level_iterated_to, 5), step.value_iterated_to / 1000]
+                for step in self.hist.get_percentile_iterator(5)]
+
+
+def _histogram() -> HdrHistogram:
+    # 1 µs to 2 minutes at 3 significant digits.
+    return HdrHistogram(1, 120_000_000, 3)
 
 
 class Run:
+    """One load run: setup, the users' loops, then the verdict."""
+
     def __init__(self, options: LoadOptions) -> None:
         self.o = options
         self.rng = random.Random(1)
         self.ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self.http = Latency()
-        self.delivery = Latency()
+        bucket_s = max(1.0, math.ceil(options.duration_s / CHART_POINTS))
+        self.http = Latency(bucket_s)
+        self.delivery = Latency(bucket_s)
         self.started = 0.0
         self.stop = asyncio.Event()
         self.users: list[Client] = []
         self.sessions: dict[int, Session] = {}
-        self.sent: dict[int, float] = {}
-        self.arrived: dict[int, float] = {}
+        # Delivery keys (see ``delivery_key``) → perf_counter of the HTTP call's start,
+        # or of the message's arrival when it beat the HTTP answer.
+        self.sent: dict[str, float] = {}
+        self.arrived: dict[str, float] = {}
 
     def now(self) -> float:
         return time.perf_counter() - self.started
 
-    async def setup(self, url: str) -> float:
-        begin = time.perf_counter()
+    async def setup(self, url: str) -> None:
+        """Create, fund, log in and connect every user, a few at a time (the server hashes passwords)."""
         self.boss = await Client.login(url, self.o.admin_user, self.o.admin_password)
         tag = secrets.token_hex(3)
         password = secrets.token_urlsafe(12)
-        gate = asyncio.Semaphore(32)
+        gate = asyncio.Semaphore(SETUP_CONCURRENCY)
 
-        async def one(i: int) -> Client:
+        async def one(i: int) -> None:
             async with gate:
                 name = f"load-{tag}-{i}"
                 made = await self.boss.create_user(name, password)
@@ -117,30 +168,30 @@ class Run:
                 session = await client.session()
                 session.on_message = self.on_message
                 self.sessions[client.user_id] = session
-                return client
+                self.users.append(client)
 
-        self.users = list(await asyncio.gather(*(one(i) for i in range(self.o.users))))
-        return time.perf_counter() - begin
+        await asyncio.gather(*(one(i) for i in range(self.o.users)))
 
     def on_message(self, message: dict[str, Any], at: float) -> None:
-        if message.get("type") != "balance_update":
+        if message.get("type") != "balance_update" or message["change_type"] not in TIMED:
             return
-        tx = message["transaction_id"]
-        started = self.sent.pop(tx, None)
+        key = delivery_key(message)
+        started = self.sent.pop(key, None)
         if started is None:
-            self.arrived[tx] = at
-            if len(self.arrived) > 100_000:  # settlements nobody waits for: keep the memory bounded
-                del self.arrived[next(iter(self.arrived))]
+            self.arrived[key] = at  # before the HTTP answer: ``delivered`` records it
         else:
-            self.delivery.record(at - started, at - self.started)
+            self._record_delivery(started, at)
 
-    def delivered(self, transactions: list[dict[str, Any]], started: float) -> None:
-        for tx in transactions:
-            at = self.arrived.pop(tx["transaction_id"], None)
+    def delivered(self, keys: Iterable[str], started: float) -> None:
+        for key in keys:
+            at = self.arrived.pop(key, None)
             if at is None:
-                self.sent[tx["transaction_id"]] = started
+                self.sent[key] = started  # not yet: ``on_message`` records it
             else:
-                self.delivery.record(at - started, at - self.started)
+                self._record_delivery(started, at)
+
+    def _record_delivery(self, started: float, at: float) -> None:
+        self.delivery.record(at - started, at - self.started)
 
     async def act(self, user: Client) -> None:
         kinds, weights = zip(*self.o.mix.items())
@@ -148,9 +199,9 @@ class Run:
             kind = self.rng.choices(kinds, weights)[0]
             started = time.perf_counter()
             try:
-                txs = await self.operation(kind, user, lambda s: self.http.record(s, time.perf_counter() - self.started))
+                keys = await self.operation(kind, user, lambda s: self.http.record(s, time.perf_counter() - self.started))
                 self.ops[kind]["ok"] += 1
-                self.delivered(txs, started)
+                self.delivered(keys, started)
             except ApiError as error:
                 self.ops[kind][error.code] += 1
             except Exception as error:  # noqa: BLE001 - counted by kind: the run goes on
@@ -160,33 +211,25 @@ class Run:
             except asyncio.TimeoutError:
                 pass
 
-    async def operation(self, kind: str, user: Client, timing: Callable[[float], None]) -> list[dict]:
+    async def operation(self, kind: str, user: Client, timing: Callable[[float], None]) -> list[str]:
+        """Do one operation; the delivery keys of the ``balance_update``s it causes."""
         r = self.rng
         if kind == "deposit":
-            body = {"user_id": user.user_id, "amount": f"{r.randint(1, 500)}", "description": "load"}
-            return [(await self.boss.request("POST", "/api/admin/deposits", body, timing=timing))["transaction"]]
+            tx = await self.boss.deposit(user.user_id, f"{r.randint(1, 500)}", description="load", timing=timing)
+            return [tx["transaction_id"]]
         if kind == "control":
-            body = {"mode": r.choice(["normal", "normal", "win", "lose"])}
-            await self.boss.request("PUT", f"/api/admin/controls/{user.user_id}", body, timing=timing)
+            await self.boss.set_control(user.user_id, r.choice(["normal", "normal", "win", "lose"]), timing=timing)
             return []
+        symbol = r.choice(["BTCUSDT", "ETHUSDT"])
         if kind == "option":
-            body = {"symbol": r.choice(["BTCUSDT", "ETHUSDT"]), "direction": r.choice(["up", "down"]),
-                    "amount": f"{r.randint(1, 50)}", "duration": r.choice([30, 60])}
-            trade = (await user.request("POST", "/api/options", body, timing=timing))["trade"]
-            return await self.stake_of(user, trade)
-        body = {"symbol": r.choice(["BTCUSDT", "ETHUSDT"]), "side": r.choice(["buy", "sell"]),
-                "quantity": r.choice(["0.0001", "0.001", "0.01"])}
-        return (await user.request("POST", "/api/spot/orders", body, timing=timing))["order"]["transactions"]
+            trade = await user.open_option(symbol, r.choice(["up", "down"]), f"{r.randint(1, 50)}",
+                                           r.choice([30, 60]), timing=timing)
+            return [f"trade:{trade['trade_id']}"]
+        order = await user.spot(symbol, r.choice(["buy", "sell"]), r.choice(["0.0001", "0.001", "0.01"]), timing=timing)
+        return [tx["transaction_id"] for tx in order["transactions"]]
 
-    async def stake_of(self, user: Client, trade: dict[str, Any]) -> list[dict[str, Any]]:
-        # A trade's reply carries no transaction; its stake is the owner's update with its trade_id.
-        session = self.sessions[user.user_id]
-        for message in reversed(session.messages[-20:]):
-            if message.get("type") == "balance_update" and message.get("metadata", {}).get("trade_id") == trade["trade_id"]:
-                return [message]
-        return []
-
-    async def judge(self, db: str | None) -> dict[str, Any]:
+    async def judge(self) -> dict[str, Any]:
+        """Every session: versions without gap or duplicate, its own events only, showing what is stored."""
         problems: list[str] = []
 
         async def check(user: Client) -> None:
@@ -197,19 +240,17 @@ class Run:
                 problems.append(f"user {user.user_id}: {problem}")
 
         await asyncio.gather(*(check(user) for user in self.users))
-        ledger = verify(db).text() if db else "ledger not checked (give --db)"
-        if db and not ledger.startswith("ledger OK"):
-            problems.append(ledger)
         return {
             "ok": not problems, "problems": problems[:50], "sessions": len(self.sessions),
             "messages": sum(len(s.messages) for s in self.sessions.values()),
-            "reconnects": sum(s.reconnects for s in self.sessions.values()), "ledger": ledger,
+            "reconnects": sum(s.reconnects for s in self.sessions.values()),
         }
 
     async def execute(self, url: str) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, self.stop.set)
-        setup_s = await self.setup(url)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.stop.set)
+        begin = time.perf_counter()
+        await self._unless_stopped(self.setup(url))
+        setup_s = time.perf_counter() - begin
         self.started = time.perf_counter()
         actors = [asyncio.ensure_future(self.act(user)) for user in self.users]
         while not self.stop.is_set() and self.now() < self.o.duration_s:
@@ -223,32 +264,53 @@ class Run:
         self.stop.set()
         await asyncio.gather(*actors)
         elapsed = self.now()
-        verdict = await self.judge(self.o.db)
+        verdict = await self.judge()
         for session in self.sessions.values():
             await session.close()
         totals = self.totals()
         return {
-            "users": self.o.users, "duration_s": round(elapsed, 2), "setup_s": round(setup_s, 2),
-            "interrupted": interrupted, "mix": self.o.mix,
+            "users": self.o.users, "sessions": len(self.sessions), "duration_s": round(elapsed, 2),
+            "setup_s": round(setup_s, 2), "interrupted": interrupted, "mix": self.o.mix,
             "operations": {kind: dict(counts) for kind, counts in self.ops.items()},
             "ok_ops": totals["ok"], "errors": totals["errors"],
             "throughput_ops_per_s": round(totals["ok"] / max(elapsed, 1e-9), 1),
             "http_latency": self.http.summary(), "delivery_latency": self.delivery.summary(),
             "undelivered": len(self.sent), "verdict": verdict,
-            "series": {"http": self.http.per_second(), "delivery": self.delivery.per_second()},
+            "series": {"bucket_s": self.http.bucket_s, "http": self.http.over_time(),
+                       "delivery": self.delivery.over_time()},
+            "distribution": {"http": self.http.distribution(), "delivery": self.delivery.distribution()},
         }
+
+    async def _unless_stopped(self, work: Any) -> None:
+        """Run ``work`` until done or Ctrl-C, whichever comes first (its errors propagate)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
 
     def totals(self) -> dict[str, int]:
         ok = sum(c["ok"] for c in self.ops.values())
         return {"ok": ok, "errors": sum(sum(c.values()) for c in self.ops.values()) - ok}
 
 
-# Throwaway users: a cheap scrypt cost lets 1,000 of them log in within seconds.
-EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024")
+def delivery_key(message: dict[str, Any]) -> str:
+    """What ties a ``balance_update`` to the HTTP call that caused it."""
+    # An option's answer is the trade, not its stake's transaction: the trade_id is shared.
+    if message["change_type"] == "option_stake":
+        return f"trade:{message['metadata']['trade_id']}"
+    return message["transaction_id"]
 
 
 async def run_load(options: LoadOptions) -> dict[str, Any]:
-    """Run the load; without ``options.url`` against an embedded server subprocess."""
+    """Run the load; without ``options.url`` against an embedded server subprocess.
+
+    Raises:
+        Unreachable: the server cannot be reached.
+    """
     http_client = configure_http(max(64, min(options.users, 256)))
     if options.url:
         report = await Run(options).execute(options.url)
@@ -261,52 +323,35 @@ async def run_load(options: LoadOptions) -> dict[str, Any]:
                 report = await Run(options).execute(server.url)
             finally:
                 server.stop()
-            verdict = report["verdict"]
-            verdict["ledger"] = verify(server.db).text()
-            verdict["ok"] = verdict["ok"] and verdict["ledger"].startswith("ledger OK")
             report["server"] = server.url
+            # Verified after the server drained, so every acknowledged mutation is in the file.
+            _verify_ledger(report, server.db)
+    if options.url:
+        _verify_ledger(report, options.db)
     report["http_client"] = http_client
     return report
 
 
-def render_chart(report: dict[str, Any]) -> str:
-    """A self-contained HTML page: latency over time and its distribution, as inline SVG."""
-
-    def line_chart(series: list[dict[str, float]], title: str) -> str:
-        if not series:
-            return f"<h2>{html.escape(title)}</h2><p>no samples</p>"
-        width, height = 800, 240
-        t_max = max(p["t"] for p in series) or 1
-        y_max = max(p["p99_ms"] for p in series) or 1
-
-        def path(key: str) -> str:
-            return " ".join(f"{40 + p['t'] / t_max * (width - 60):.1f},{height - 30 - p[key] / y_max * (height - 50):.1f}" for p in series)
-
-        return (f"<h2>{html.escape(title)}</h2><svg width='{width}' height='{height}' role='img'>"
-                f"<polyline fill='none' stroke='#2563eb' stroke-width='2' points='{path('p50_ms')}'/>"
-                f"<polyline fill='none' stroke='#dc2626' stroke-width='2' points='{path('p99_ms')}'/>"
-                f"<text x='40' y='14'>max {y_max:.1f} ms · blue p50 · red p99 · x: seconds 0–{t_max}</text></svg>")
-
-    def bars(summary: dict[str, float], title: str) -> str:
-        keys = [k for k in summary if k.endswith("_ms")]
-        top = max((summary[k] for k in keys), default=1) or 1
-        rows = "".join(f"<rect x='90' y='{20 + i * 26}' width='{summary[k] / top * 600:.1f}' height='18' fill='#16a34a'/>"
-                       f"<text x='0' y='{34 + i * 26}'>{k[:-3]}</text><text x='{96 + summary[k] / top * 600:.1f}' y='{34 + i * 26}'>{summary[k]} ms</text>"
-                       for i, k in enumerate(keys))
-        return f"<h2>{html.escape(title)}</h2><svg width='800' height='{30 + len(keys) * 26}'>{rows}</svg>"
-
+def _verify_ledger(report: dict[str, Any], db: str | None) -> None:
     verdict = report["verdict"]
-    return (
-        "<!doctype html><meta charset='utf-8'><title>balancesim load report</title>"
-        "<body style='font-family:sans-serif;max-width:860px;margin:auto'>"
-        f"<h1>balancesim load: {report['users']} users, {report['duration_s']} s — "
-        f"{'in sync' if verdict['ok'] else 'OUT OF SYNC'}</h1>"
-        f"<p>{report['ok_ops']} operations ({report['throughput_ops_per_s']}/s), {report['errors']} refused; "
-        f"{verdict['messages']} messages to {verdict['sessions']} sessions; {html.escape(verdict['ledger'])}</p>"
-        + line_chart(report["series"]["http"], "HTTP latency over time")
-        + line_chart(report["series"]["delivery"], "Mutation → delivery latency over time")
-        + bars(report["http_latency"], "HTTP latency distribution")
-        + bars(report["delivery_latency"], "Mutation → delivery latency distribution")
-        + "<h2>Report</h2><pre>" + html.escape(json.dumps({k: v for k, v in report.items() if k != "series"}, indent=2))
-        + "</pre></body>"
-    )
+    if db is None:
+        verdict["ledger"] = "ledger not checked (give --db to verify the server's file)"
+        return
+    ledger = verify(db)
+    verdict["ledger"] = ledger.text()
+    verdict["ok"] = verdict["ok"] and ledger.ok
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its chart data, as printed."""
+    return {k: v for k, v in report.items() if k not in ("series", "distribution")}
+
+
+def write_report(report: dict[str, Any], path: str) -> str:
+    """Write the JSON report to ``path`` and the chart beside it (``.html``); the chart's path."""
+    with open(path, "w") as out:
+        json.dump(report, out, indent=2)
+    chart = os.path.splitext(path)[0] + ".html"
+    with open(chart, "w") as out:
+        out.write(render_chart(report))
+    return chart

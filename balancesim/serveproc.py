@@ -27,7 +27,9 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "balancesim.cli", "serve", "--port", str(self.port if port is None else port),
              "--db", self.db, *self.args],
-            stdout=subprocess.PIPE, text=True,
+            # Its own session: a Ctrl-C at the terminal reaches only the parent, which
+            # stops the server itself once it has finished reporting on it.
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
         assert self.process.stdout is not None
         while not (line := self.process.stdout.readline()).startswith("listening on "):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,8 +24,14 @@ def test_fifty_users_for_a_few_seconds_produce_a_report_whose_verdict_holds(tmp_
     assert report["ok_ops"] > 100 and set(report["operations"]) == {"option", "spot", "deposit", "control"}
     for key in ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms"):
         assert report["http_latency"][key] > 0 and report["delivery_latency"][key] > 0
+    # Every mutation's balance_update reached its owner: a deposit's, each spot leg's, each stake's.
+    ops = report["operations"]
+    assert report["undelivered"] == 0
+    assert report["delivery_latency"]["count"] == ops["deposit"]["ok"] + 2 * ops["spot"]["ok"] + ops["option"]["ok"]
+    assert report["distribution"]["http"][-1][0] == 100 and report["series"]["http"]
     chart = (tmp_path / "load.html").read_text()
-    assert chart.startswith("<!doctype html>") and "<svg" in chart and "in sync" in chart
+    assert chart.startswith("<!doctype html>") and chart.count("<svg") == 3 and "in sync" in chart
+    assert "<script" not in chart and "http" not in chart.split("<h2>Report")[0].replace("http://www.w3.org/2000/svg", "")
 
 
 def test_a_bad_mix_is_a_usage_error():
@@ -33,17 +40,27 @@ def test_a_bad_mix_is_a_usage_error():
 
 
 def test_ctrl_c_stops_the_clients_prints_the_report_so_far_and_exits_130(tmp_path):
+    # Its own process group, which gets the SIGINT as a terminal's Ctrl-C would deliver it:
+    # the embedded server must not die under the clients before the verdict.
     process = subprocess.Popen(
         [sys.executable, "-m", "balancesim.cli", "load", "--users", "5", "--duration", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     progress = ""
     while " ok " not in progress:
         char = process.stderr.read(1)
         assert char, "load ended before it started"
         progress += char
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 130
     report = json.loads(out)
     assert report["interrupted"] and report["duration_s"] < 60
+    assert report["verdict"]["ok"] and report["verdict"]["ledger"].startswith("ledger OK")
+
+
+def test_an_unreachable_url_is_a_clean_error_with_exit_2():
+    result = CliRunner().invoke(cli, ["load", "--users", "2", "--duration", "1", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: cannot reach http://127.0.0.1:9: ")
+    assert "Traceback" not in result.output

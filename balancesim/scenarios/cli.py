@@ -1,18 +1,53 @@
-"""``balancesim scenario list|run``: each parses, makes one library call, maps errors to exit codes."""
+"""``balancesim scenario list|run`` and ``balancesim load``: each parses, makes one library call,
+and maps errors to exit codes (1: the verdict failed, 2: bad input or an unreachable server,
+130: interrupted)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from typing import Any, Callable, Coroutine, TypeVar
 
 import click
 
-from balancesim.scenarios._model import FILES, ScenarioError, load
+from balancesim.client import Unreachable
+from balancesim.scenarios._model import FILES, ScenarioError, load as load_scenario
 from balancesim.scenarios._run import run_scenario
 from balancesim.scenarios._worlds import InProcessWorld, RemoteWorld
 
-__all__ = ["scenario"]
+__all__ = ["scenario", "load"]
+
+T = TypeVar("T")
+
+
+class InputError(click.ClickException):
+    """Bad input or an unreachable server: ``Error: …`` on stderr, exit 2."""
+
+    exit_code = 2
+
+
+def remote_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--admin-user``, ``--admin-password`` and ``--db``, for runs against a server at ``--url``."""
+    for option in reversed([
+        click.option("--admin-user", default="superadmin", show_default=True,
+                     help="With --url: a superadmin, to create the participants and act for them."),
+        click.option("--admin-password", default="superadmin123", show_default=True, help="With --url: its password."),
+        click.option("--db", "db_path", type=click.Path(exists=True, dir_okay=False),
+                     help="With --url: the server's ledger file, to run ledger verify on."),
+    ]):
+        func = option(func)
+    return func
+
+
+def reaching(url: str | None, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; a server that cannot be reached is an ``InputError``, not a traceback."""
+    try:
+        return asyncio.run(work)
+    except Unreachable as error:
+        raise InputError(str(error)) from None
+    except OSError as error:
+        raise InputError(f"cannot reach {url or 'the embedded server'}: {error}") from None
 
 
 @click.group()
@@ -24,7 +59,7 @@ def scenario() -> None:
 def scenario_list() -> None:
     """The shipped scenarios and what each proves."""
     for path in sorted(FILES.glob("*.toml")):
-        click.echo(f"{path.stem:<20} {load(str(path)).description}")
+        click.echo(f"{path.stem:<20} {load_scenario(str(path)).description}")
 
 
 @scenario.command("run")
@@ -32,22 +67,55 @@ def scenario_list() -> None:
 @click.option("--seed", type=int, help="Overrides the scenario's seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 @click.option("--url", help="Run against a running server (real time) instead of in-process.")
-@click.option("--admin-user", default="superadmin", show_default=True, help="With --url: a superadmin to create participants.")
-@click.option("--admin-password", default="superadmin123", show_default=True, help="With --url: its password.")
-@click.option("--db", "db_path", type=click.Path(exists=True, dir_okay=False), help="With --url: the server's ledger, to verify.")
+@remote_options
 def scenario_run(name_or_path: str, seed: int | None, as_json: bool, url: str | None,
                  admin_user: str, admin_password: str, db_path: str | None) -> None:
     """Run a scenario by NAME (see list) or PATH; exit 1 if an expectation fails."""
     try:
-        spec = load(name_or_path)
+        spec = load_scenario(name_or_path)
     except ScenarioError as error:
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(2)
-    world = RemoteWorld(url, admin_user, admin_password, db_path) if url else InProcessWorld(spec.seed if seed is None else seed)
-    try:
-        outcome = asyncio.run(run_scenario(spec, world, seed))
-    except (ConnectionError, OSError) as error:
-        click.echo(f"Error: cannot reach {url}: {error}", err=True)
-        sys.exit(2)
+        raise InputError(str(error)) from None
+    world = (RemoteWorld(url, admin_user, admin_password, db_path) if url
+             else InProcessWorld(spec.seed if seed is None else seed))
+    work = run_scenario(spec, world, seed)
+    outcome = reaching(url, work) if url else asyncio.run(work)
     click.echo(json.dumps(outcome.__dict__, indent=2) if as_json else outcome.text())
     sys.exit(0 if outcome.ok else 1)
+
+
+@click.command()
+@click.option("--users", type=click.IntRange(1, 100_000), required=True, help="How many users, each with its own session.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), required=True, help="Seconds of load after setup.")
+@click.option("--url", help="A running server; without it an embedded one is started on a free loopback port.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the JSON report here and the chart beside it (.html).")
+@click.option("--mix", default="option=5,spot=3,deposit=2,control=1", show_default=True, help="Operation weights.")
+@click.option("--think", "think_s", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Mean seconds between one user's operations.")
+@remote_options
+def load(users: int, duration: float, url: str | None, report_path: str | None, mix: str, think_s: float,
+         admin_user: str, admin_password: str, db_path: str | None) -> None:
+    """Multi-user load over real HTTP and WebSocket connections; prints a report.
+
+    Exit 0 when every session stayed in sync, 1 when not, 130 on Ctrl-C (after the report).
+    """
+    from balancesim.load import LoadOptions, parse_mix, run_load, summary, write_report
+
+    try:
+        weights = parse_mix(mix)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--mix") from None
+
+    def progress(elapsed: float, totals: dict[str, int]) -> None:
+        done = min(1.0, elapsed / duration)
+        click.echo(f"\r[{'#' * int(done * 30):<30}] {elapsed:5.0f}/{duration:.0f} s  {totals['ok']} ok  "
+                   f"{totals['errors']} refused", nl=False, err=True)
+
+    options = LoadOptions(users, duration, url, admin_user, admin_password, weights, think_s, db_path, progress)
+    report = reaching(url, run_load(options))
+    click.echo("", err=True)
+    click.echo(json.dumps(summary(report), indent=2))
+    if report_path:
+        chart = write_report(report, report_path)
+        click.echo(f"report: {report_path}, chart: {chart}", err=True)
+    sys.exit(130 if report["interrupted"] else 0 if report["verdict"]["ok"] else 1)
