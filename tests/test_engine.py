@@ -132,6 +132,31 @@ def test_no_more_than_max_live_actors_run_at_once(make_engine):
     assert all(engine.balance(u)["version"] == 3 for u in users)
 
 
+def test_mutations_racing_passivation_all_land_in_order_on_a_successor(engine):
+    alice = new_user(engine, "alice")
+    stop = threading.Event()
+
+    def passivate_again_and_again() -> None:
+        while not stop.wait(0.0005):  # paced, so the depositing thread still gets the lock
+            engine.registry.passivate_idle(idle_s=0)
+
+    passivator = threading.Thread(target=passivate_again_and_again)
+    passivator.start()
+    try:
+        replies = []
+        for i in range(300):
+            replies.append(engine.deposit(alice, "1"))
+            if i % 10 == 9:  # for certain, besides whatever the other thread hits
+                engine.registry.passivate_idle(idle_s=0)
+        versions = [reply.get(timeout=TIMEOUT_S)["transaction"]["version"] for reply in replies]
+    finally:
+        stop.set()
+        passivator.join()
+    assert versions == list(range(1, 301))
+    assert engine.balance(alice)["balances"]["USDT"] == "300"
+    assert engine.registry.activations >= 30
+
+
 @pytest.mark.parametrize(
     ("call", "code"),
     [

@@ -23,6 +23,7 @@ import threading
 from typing import Any
 
 import pykka
+from pykka._envelope import Envelope
 
 from balancesim.actors._reply import Reply
 
@@ -82,14 +83,30 @@ class _PooledInbox:
         # actor's on_start wait for it instead of being scheduled.
         self._scheduled = True
         self._budget = 0
+        self._sealed = False
 
     def put(self, envelope: Any, /) -> None:
+        self._enqueue(envelope, sealable=False)
+
+    def offer(self, message: Any) -> bool:
+        """Queue ``message`` as ``tell`` would, unless the inbox is sealed; whether it was queued."""
+        return self._enqueue(Envelope(message), sealable=True)
+
+    def seal(self) -> None:
+        """Refuse every later ``offer``; ``put`` (pykka's own stop among them) still goes in."""
         with self._lock:
+            self._sealed = True
+
+    def _enqueue(self, envelope: Any, *, sealable: bool) -> bool:
+        with self._lock:
+            if sealable and self._sealed:
+                return False
             self._messages.append(envelope)
             if self._scheduled:
-                return
+                return True
             self._scheduled = True
         self.dispatcher.submit(self)
+        return True
 
     def get(self) -> Any:
         with self._lock:
