@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sys
 import threading
 from typing import Any, Callable
@@ -20,42 +21,70 @@ __all__ = ["Reply", "as_asyncio", "completed", "failed"]
 log = logging.getLogger(__name__)
 
 
-class Reply(pykka.ThreadingFuture[Any]):
-    """A ``ThreadingFuture`` with done-callbacks, set once by whoever completes it."""
+class Reply(pykka.Future[Any]):
+    """A pykka future with done-callbacks, set once by whoever completes it.
+
+    Built on a pre-acquired lock rather than pykka's ``Condition``: a reply is made
+    for every mutation, and the condition's set-up was a measurable share of one.
+    A waiter acquires the latch and releases it at once, so every waiter wakes.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._callbacks: list[Callable[[Reply], None]] = []
         self._lock = threading.Lock()
-        self._done = False
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._outcome: tuple[Any, Any] | None = None  # (value, exc_info)
+        self._callbacks: list[Callable[[Reply], None]] | None = None
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        if self._get_hook is not None:
+            return super().get(timeout=timeout)
+        if self._outcome is None:
+            if not self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+                raise pykka.Timeout(f"{timeout} seconds")
+            self._latch.release()
+        value, exc_info = self._outcome  # type: ignore[misc]
+        if exc_info is None:
+            return value
+        exc_type, exc_value, exc_traceback = exc_info
+        if exc_value is None:
+            exc_value = exc_type()
+        if exc_value.__traceback__ is not exc_traceback:
+            raise exc_value.with_traceback(exc_traceback)
+        raise exc_value
 
     def set(self, value: Any | None = None) -> None:
-        super().set(value)
-        self._fire()
+        self._complete((value, None))
 
     def set_exception(self, exc_info: Any = None) -> None:
         if isinstance(exc_info, BaseException):
             exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
-        super().set_exception(exc_info or sys.exc_info())
-        self._fire()
+        self._complete((None, exc_info or sys.exc_info()))
 
     def done(self) -> bool:
         """Whether the reply has been set."""
-        return self._done
+        return self._outcome is not None
 
     def add_done_callback(self, callback: Callable[[Reply], None]) -> None:
         """Call ``callback(self)`` once set: at once if it already is."""
         with self._lock:
-            if not self._done:
-                self._callbacks.append(callback)
+            if self._outcome is None:
+                if self._callbacks is None:
+                    self._callbacks = [callback]
+                else:
+                    self._callbacks.append(callback)
                 return
         callback(self)
 
-    def _fire(self) -> None:
+    def _complete(self, outcome: tuple[Any, Any]) -> None:
         with self._lock:
-            self._done = True
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+            if self._outcome is not None or self._get_hook is not None:
+                raise queue.Full
+            self._outcome = outcome
+            callbacks, self._callbacks = self._callbacks, None
+        self._latch.release()
+        for callback in callbacks or ():
             try:
                 callback(self)
             except Exception:  # noqa: BLE001 - the setter (often the ledger writer) must go on
