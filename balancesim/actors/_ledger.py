@@ -207,6 +207,11 @@ def posted_from_row(row: tuple) -> Posted:
     )
 
 
+def _metadata_json(metadata: Any) -> str:
+    # Most entries (deposits, withdrawals) carry none: skip the encoder for them.
+    return json.dumps(dict(metadata), sort_keys=True) if metadata else "{}"
+
+
 @dataclass
 class Submission:
     """One decision of one account, to be committed atomically with its batch.
@@ -407,7 +412,7 @@ class Ledger:
                     tx_rows.append((
                         event.transaction_id, event.user_id, event.asset, event.amount,
                         event.balance_after, event.type, event.description,
-                        json.dumps(dict(event.metadata), sort_keys=True), event.version,
+                        _metadata_json(event.metadata), event.version,
                         iso(event.ts), event.initiated_by,
                     ))
                     balances[(event.user_id, event.asset)] = event.balance_after

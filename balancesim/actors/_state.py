@@ -77,20 +77,10 @@ class _Entries:
             raise errors.InvalidAmount(f"{asset} balance would exceed the maximum")
         self._balances[asset] = after
         self._version += 1
-        self.events.append(
-            Posted(
-                user_id=self._user_id,
-                version=self._version,
-                asset=asset,
-                amount=amount,
-                balance_after=after,
-                type=type_,
-                description=description,
-                metadata=metadata,
-                ts=self._now,
-                initiated_by=self._initiated_by,
-            )
-        )
+        self.events.append(Posted(
+            self._user_id, self._version, asset, amount, after, type_, description, metadata,
+            self._now, self._initiated_by,
+        ))
 
     @property
     def next_version(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from balancesim.actors._clock import iso
 from balancesim.actors._messages import ControlModeSet, PlaceSpotOrder, Posted, SetControlMode, Trade
@@ -21,8 +21,10 @@ __all__ = [
 _MONEY_KEYS = {"quantity", "price", "total", "entry_price", "exit_price", "payout"}
 
 
-def metadata_view(metadata: dict[str, Any]) -> dict[str, Any]:
+def metadata_view(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata with its unit amounts as decimal strings."""
+    if not metadata:
+        return {}
     return {
         key: format_amount(value) if key in _MONEY_KEYS and isinstance(value, int) else value
         for key, value in metadata.items()
@@ -47,7 +49,7 @@ def transaction_view(entry: Posted) -> dict[str, Any]:
         "balance_after": format_amount(entry.balance_after),
         "type": entry.type,
         "description": entry.description,
-        "metadata": metadata_view(dict(entry.metadata)),
+        "metadata": metadata_view(entry.metadata),
         "version": entry.version,
         "ts": iso(entry.ts),
         "initiated_by": entry.initiated_by,
@@ -93,7 +95,7 @@ def balance_update(entry: Posted) -> dict[str, Any]:
         "description": entry.description,
         "transaction_id": entry.transaction_id,
         "version": entry.version,
-        "metadata": metadata_view(dict(entry.metadata)),
+        "metadata": metadata_view(entry.metadata),
         "ts": iso(entry.ts),
     }
 
