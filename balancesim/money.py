@@ -51,11 +51,13 @@ def parse_amount(value: object, *, signed: bool = False, field: str = "amount") 
 
 def format_amount(units: int) -> str:
     """Format integer units as a plain decimal string without trailing zeros."""
-    sign = "-" if units < 0 else ""
-    whole, frac = divmod(abs(units), UNIT)
-    if frac == 0:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{frac:08d}".rstrip("0")
+    if units < 0:
+        return "-" + format_amount(-units)
+    whole, frac = divmod(units, UNIT)
+    if not frac:
+        return str(whole)
+    # frac + UNIT is "1" followed by the eight zero-padded digits.
+    return f"{whole}.{str(frac + UNIT)[1:].rstrip('0')}"
 
 
 def mul_units(a_units: int, b_units: int, *, round_up: bool = False) -> int:

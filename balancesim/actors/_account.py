@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pykka
 
@@ -16,7 +16,6 @@ from balancesim.actors._messages import Command, Rejected
 from balancesim.actors._pooled import Dispatcher, PooledActor
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState, apply_all, decide
-from balancesim.actors._views import result_of
 
 __all__ = ["AccountActor", "Request"]
 
@@ -38,24 +37,30 @@ class _Reload:
 
 
 class _InFlight:
-    """Counts submissions not yet answered by the ledger; completes ``drained`` after a stop."""
+    """The account's ``Tracker``: counts submissions the ledger has not answered,
+    completes ``drained`` once the actor has stopped and the count is zero, and
+    asks the actor to reload when a commit failed."""
 
-    def __init__(self, drained: Reply) -> None:
+    def __init__(self, drained: Reply, reload: Callable[[], None]) -> None:
         self._count = 0
         self._closed = False
         self._drained = drained
+        self._reload = reload
         self._lock = threading.Lock()
 
     def add(self) -> None:
         with self._lock:
             self._count += 1
 
-    def done(self, _reply: Reply) -> None:
+    def settled(self) -> None:
         with self._lock:
             self._count -= 1
             finished = self._closed and self._count == 0
         if finished:
             self._drained.set(None)
+
+    def failed(self) -> None:
+        self._reload()
 
     def close(self) -> None:
         with self._lock:
@@ -101,7 +106,7 @@ class AccountActor(PooledActor):
         self.ledger = ledger
         self.clock = clock
         self.state: AccountState | None = None
-        self._in_flight = _InFlight(drained)
+        self._in_flight = _InFlight(drained, self._reload_later)
 
     def on_start(self) -> None:
         self._load()
@@ -135,18 +140,9 @@ class AccountActor(PooledActor):
             return
         self.state = apply_all(self.state, verdict.events)
         self._in_flight.add()
-        message.reply.add_done_callback(self._in_flight.done)
-        command = message.command
-        self.ledger.append(
-            Submission(
-                user_id=self.user_id,
-                events=verdict.events,
-                reply=message.reply,
-                result=lambda events: result_of(command, events),
-                on_failure=self._reload_later,
-                idempotency=message.idempotency,
-            )
-        )
+        self.ledger.append(Submission(
+            self.user_id, message.command, verdict.events, message.reply, self._in_flight, message.idempotency,
+        ))
 
     def _load(self) -> None:
         """Load the committed state; on a storage error stay unloaded and retry on the next request."""

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import sqlite_utils
 
@@ -31,6 +31,7 @@ from balancesim import errors
 from balancesim.actors._clock import iso
 from balancesim.actors._messages import (
     ASSETS,
+    Command,
     ControlModeSet,
     Event,
     OptionForced,
@@ -41,8 +42,9 @@ from balancesim.actors._messages import (
 )
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState
+from balancesim.actors._views import result_of
 
-__all__ = ["Ledger", "Submission", "connect", "create_schema", "insert_user", "parse_ts", "snapshot"]
+__all__ = ["Ledger", "Submission", "Tracker", "connect", "create_schema", "insert_user", "parse_ts", "snapshot"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -212,24 +214,34 @@ def _metadata_json(metadata: Any) -> str:
     return json.dumps(dict(metadata), sort_keys=True) if metadata else "{}"
 
 
-@dataclass
+class Tracker(Protocol):
+    """The submitting account's view of its submissions."""
+
+    def settled(self) -> None:
+        """One submission has been answered, committed or not."""
+
+    def failed(self) -> None:
+        """A commit of ours failed: the in-memory state is ahead of the ledger."""
+
+
+@dataclass(slots=True)
 class Submission:
     """One decision of one account, to be committed atomically with its batch.
 
     Args:
         user_id: the account.
+        command: what was decided; with the numbered events it makes the reply.
         events: what ``decide`` confirmed, in order.
-        reply: completed with ``result(committed_events)`` after the commit.
-        result: builds the reply value once transaction ids are assigned.
-        on_failure: told when the commit failed, so the account reloads.
+        reply: completed with ``result_of(command, committed_events)`` after the commit.
+        tracker: told when the submission is answered, and when its commit failed.
         idempotency: ``(caller_id, key, fingerprint)`` to remember the result under.
     """
 
     user_id: int
+    command: Command
     events: tuple[Event, ...]
     reply: Reply
-    result: Callable[[tuple[Event, ...]], Any]
-    on_failure: Callable[[], None] = lambda: None
+    tracker: Tracker
     idempotency: tuple[int, str, str] | None = None
 
 
@@ -357,12 +369,13 @@ class Ledger:
                 item.reply.set_exception(
                     errors.StorageUnavailable("the ledger could not store an earlier change")
                 )
+                item.tracker.settled()
             else:
                 accepted.append(item)
         first_tx_id = self._next_tx_id
         try:
             numbered = [(sub, self._number(sub.events)) for sub in accepted]
-            results = [sub.result(events) for sub, events in numbered]
+            results = [result_of(sub.command, events) for sub, events in numbered]
             created = self._write(numbered, results, users)
         except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
             self._next_tx_id = first_tx_id
@@ -379,6 +392,7 @@ class Ledger:
                         log.exception("commit listener %r failed", listener)
             for (sub, _), result in zip(numbered, results):
                 sub.reply.set(result)
+                sub.tracker.settled()
             for create, outcome in zip(users, created):
                 if isinstance(outcome, Exception):
                     create.reply.set_exception(outcome)
@@ -431,30 +445,23 @@ class Ledger:
                 except errors.Conflict as error:
                     created.append(error)
             conn = db.conn
-            conn.executemany(f"INSERT INTO transactions ({_TX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", tx_rows)
-            conn.executemany(
-                "UPDATE balances SET amount = ? WHERE user_id = ? AND asset = ?",
-                [(amount, user_id, asset) for (user_id, asset), amount in balances.items()],
-            )
-            conn.executemany(
-                "UPDATE users SET version = ? WHERE user_id = ?",
-                [(version, user_id) for user_id, version in versions.items()],
-            )
-            conn.executemany(
-                f"INSERT OR REPLACE INTO trades ({_TRADE_COLUMNS}) VALUES ({','.join('?' * 17)})",
-                trades,
-            )
-            conn.executemany(
-                "INSERT INTO control_changes (user_id, mode, set_by, ts) VALUES (?, ?, ?, ?)", controls
-            )
-            conn.executemany(
-                "UPDATE users SET control_mode = ? WHERE user_id = ?",
-                [(mode, user_id) for user_id, mode, _, _ in controls],
-            )
-            conn.executemany(
-                "INSERT OR REPLACE INTO idempotency (caller_id, key, fingerprint, result) VALUES (?, ?, ?, ?)",
-                keys,
-            )
+            # An empty executemany still prepares its statement: with small batches
+            # (a few requests per commit) that was a fixed cost worth skipping.
+            for sql, rows in (
+                (f"INSERT INTO transactions ({_TX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", tx_rows),
+                ("UPDATE balances SET amount = ? WHERE user_id = ? AND asset = ?",
+                 [(amount, user_id, asset) for (user_id, asset), amount in balances.items()]),
+                ("UPDATE users SET version = ? WHERE user_id = ?",
+                 [(version, user_id) for user_id, version in versions.items()]),
+                (f"INSERT OR REPLACE INTO trades ({_TRADE_COLUMNS}) VALUES ({','.join('?' * 17)})", trades),
+                ("INSERT INTO control_changes (user_id, mode, set_by, ts) VALUES (?, ?, ?, ?)", controls),
+                ("UPDATE users SET control_mode = ? WHERE user_id = ?",
+                 [(mode, user_id) for user_id, mode, _, _ in controls]),
+                ("INSERT OR REPLACE INTO idempotency (caller_id, key, fingerprint, result) VALUES (?, ?, ?, ?)",
+                 keys),
+            ):
+                if rows:
+                    conn.executemany(sql, rows)
         return created
 
     def _fail(self, accepted: list[Submission], users: list[_CreateUser], error: Exception) -> None:
@@ -462,8 +469,9 @@ class Ledger:
         for sub in accepted:
             self._poisoned.add(sub.user_id)
         for sub in accepted:
-            sub.on_failure()
+            sub.tracker.failed()
             sub.reply.set_exception(failure)
+            sub.tracker.settled()
         for create in users:
             create.reply.set_exception(failure)
 

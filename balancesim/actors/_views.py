@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from balancesim.actors._clock import iso
-from balancesim.actors._messages import ControlModeSet, PlaceSpotOrder, Posted, SetControlMode, Trade
+from balancesim.actors._messages import (
+    Adjust, ControlModeSet, Deposit, PlaceSpotOrder, Posted, SetControlMode, Trade, Withdraw,
+)
 from balancesim.money import format_amount
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "result_of",
 ]
 
+# Commands whose reply is their single entry (the hot path: deposits and the like).
+_ONE_ENTRY = frozenset({Deposit, Withdraw, Adjust})
 _MONEY_KEYS = {"quantity", "price", "total", "entry_price", "exit_price", "payout"}
 
 
@@ -113,6 +117,8 @@ def control_update(event: ControlModeSet) -> dict[str, Any]:
 
 def result_of(command: object, events: tuple) -> dict[str, Any]:
     """The reply to a committed command, as PROTOCOL.md's success bodies have it."""
+    if type(command) in _ONE_ENTRY:
+        return {"transaction": transaction_view(events[0])}
     posted = [event for event in events if isinstance(event, Posted)]
     trades = [event.trade for event in events if hasattr(event, "trade")]
     if isinstance(command, PlaceSpotOrder):
