@@ -12,6 +12,7 @@ import logging
 import queue
 import sys
 import threading
+import weakref
 from typing import Any, Callable
 
 import pykka
@@ -109,17 +110,50 @@ def as_asyncio(reply: Reply) -> asyncio.Future[Any]:
     """Bridge a reply into an asyncio future of the running loop, without blocking."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
+    bridge = _bridges.get(loop)
+    if bridge is None:
+        bridge = _bridges[loop] = _Bridge(loop)
 
     def resolve(done: Reply) -> None:
         try:
             value, error = done.get(timeout=0), None
         except BaseException as raised:  # noqa: BLE001 - handed on to the awaiting side
             value, error = None, raised
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(_settle, future, value, error)
+        bridge.push(future, value, error)
 
     reply.add_done_callback(resolve)
     return future
+
+
+class _Bridge:
+    """Completed replies handed to one loop in bursts.
+
+    The ledger writer completes a whole group commit's replies in a row; one
+    ``call_soon_threadsafe`` (a write to the loop's wake-up socket) per burst
+    instead of one per reply.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._lock = threading.Lock()
+
+    def push(self, future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+        with self._lock:
+            self._pending.append((future, value, error))
+            if len(self._pending) > 1:
+                return
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future, value, error in pending:
+            _settle(future, value, error)
+
+
+_bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge] = weakref.WeakKeyDictionary()
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
