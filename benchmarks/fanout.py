@@ -12,7 +12,12 @@ Phase 2: the same number of admin sessions; ``--burst`` deposits fan out as
 ``admin_balance_monitor`` to every one of them, and then the bare server
 broadcasts the same number of same-sized messages to the same clients.
 
-The last line is ``{"p50_ms", "p99_ms", "fanout_msgs_per_s", "bare_tornado_msgs_per_s"}``.
+Phase 1 also reports the server's CPU per deposit (every thread: HTTP, engine,
+fan-out): at ``--rate`` × that, the one core Python can use is that busy, and
+latency beyond it is queueing.
+
+The last line is ``{"p50_ms", "p99_ms", "fanout_msgs_per_s", "bare_tornado_msgs_per_s",
+"server_cpu_us_per_deposit"}``.
 """
 
 from __future__ import annotations
@@ -68,10 +73,18 @@ class BareBroadcast(RequestHandler):
         self.finish("ok")
 
 
+class CpuMark(RequestHandler):
+    """The server process's CPU seconds so far, so the client can bracket a phase."""
+
+    def get(self) -> None:
+        self.finish(str(time.process_time()))
+
+
 def bare_app() -> Application:
     sessions: set = set()
     return Application([(r"/ws", BareSession, {"sessions": sessions}),
-                        (r"/broadcast", BareBroadcast, {"sessions": sessions})])
+                        (r"/broadcast", BareBroadcast, {"sessions": sessions}),
+                        (r"/cpu", CpuMark)])
 
 
 def listen(app: Application) -> int:
@@ -99,9 +112,15 @@ async def post(url: str, body: dict, token: str) -> None:
                                   headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
 
 
-async def latency_phase(cfg: dict) -> list[float]:
+async def server_cpu_s(cfg: dict) -> float:
+    return float((await AsyncHTTPClient().fetch(f"http://{cfg['bare']}/cpu")).body)
+
+
+async def latency_phase(cfg: dict) -> tuple[list[float], float]:
+    """The latencies, and the server's CPU seconds per deposit while they ran."""
     base, users = cfg["base"], cfg["users"]
     conns = await connect_all([f"ws://{base}/ws?token={u['token']}" for u in users])
+    cpu_before = await server_cpu_s(cfg)
     sent: dict[tuple[int, str], float] = {}
     latencies: list[float] = []
     done = asyncio.Event()
@@ -133,11 +152,12 @@ async def latency_phase(cfg: dict) -> list[float]:
                                                 cfg["boss"])))
     await asyncio.gather(*calls)
     await asyncio.wait_for(done.wait(), 60)
+    cpu_per_deposit_s = (await server_cpu_s(cfg) - cpu_before) / total
     for conn in conns:
         conn.close()
     for task in readers:
         task.cancel()
-    return latencies
+    return latencies, cpu_per_deposit_s
 
 
 async def burst_phase(urls: list[str], trigger, count: int, kind: str, *, greeted: bool) -> float:
@@ -170,7 +190,8 @@ async def burst_phase(urls: list[str], trigger, count: int, kind: str, *, greete
 
 async def client_main(cfg: dict) -> dict:
     configure_http(100)
-    latencies = sorted(await latency_phase(cfg))
+    latencies, cpu_per_deposit_s = await latency_phase(cfg)
+    latencies.sort()
     base, boss, admins, burst = cfg["base"], cfg["boss"], cfg["admins"], cfg["burst"]
 
     async def deposits() -> None:
@@ -194,7 +215,8 @@ async def client_main(cfg: dict) -> dict:
         return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 2)
 
     return {"p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": round(latencies[-1], 2),
-            "deliveries": len(latencies), "fanout_msgs_per_s": round(fanout), "bare_tornado_msgs_per_s": round(bare)}
+            "deliveries": len(latencies), "fanout_msgs_per_s": round(fanout), "bare_tornado_msgs_per_s": round(bare),
+            "server_cpu_us_per_deposit": round(cpu_per_deposit_s * 1e6)}
 
 
 # -- the server process ------------------------------------------------------------------
@@ -238,11 +260,14 @@ def main() -> None:
     result = asyncio.run(server_main(args))
     print(f"{args.sessions} sessions, {args.rate} deposits/s for {args.seconds} s: HTTP call → owner's "
           f"balance_update p50 {result['p50_ms']} ms, p90 {result['p90_ms']} ms, p99 {result['p99_ms']} ms, "
-          f"max {result['max_ms']} ms over {result['deliveries']} deliveries")
+          f"max {result['max_ms']} ms over {result['deliveries']} deliveries; the server spent "
+          f"{result['server_cpu_us_per_deposit']} µs of CPU per deposit (all threads: HTTP, engine, fan-out), "
+          f"so {args.rate} deposits/s kept it {result['server_cpu_us_per_deposit'] * args.rate / 1e4:.0f}% busy on one core")
     print(f"admin monitor fan-out to {args.sessions} admin sessions: {result['fanout_msgs_per_s']:,} msgs/s; "
           f"bare Tornado broadcast of the same: {result['bare_tornado_msgs_per_s']:,} msgs/s "
           f"({result['fanout_msgs_per_s'] / result['bare_tornado_msgs_per_s']:.2f} ×)")
-    emit({key: result[key] for key in ("p50_ms", "p99_ms", "fanout_msgs_per_s", "bare_tornado_msgs_per_s")})
+    emit({key: result[key] for key in ("p50_ms", "p99_ms", "fanout_msgs_per_s", "bare_tornado_msgs_per_s",
+                                       "server_cpu_us_per_deposit")})
 
 
 if __name__ == "__main__":
