@@ -359,19 +359,20 @@ class Ledger:
         users: list[_CreateUser] = []
         barriers: list[_Barrier] = []
         for item in batch:
-            if isinstance(item, _Reset):
+            if type(item) is Submission:
+                if item.user_id in self._poisoned:
+                    item.reply.set_exception(
+                        errors.StorageUnavailable("the ledger could not store an earlier change")
+                    )
+                    item.tracker.settled()
+                else:
+                    accepted.append(item)
+            elif isinstance(item, _Reset):
                 self._poisoned.discard(item.user_id)
             elif isinstance(item, _Barrier):
                 barriers.append(item)
-            elif isinstance(item, _CreateUser):
-                users.append(item)
-            elif item.user_id in self._poisoned:
-                item.reply.set_exception(
-                    errors.StorageUnavailable("the ledger could not store an earlier change")
-                )
-                item.tracker.settled()
             else:
-                accepted.append(item)
+                users.append(item)
         first_tx_id = self._next_tx_id
         try:
             numbered = [(sub, self._number(sub.events)) for sub in accepted]
@@ -402,6 +403,9 @@ class Ledger:
             barrier.reply.set(None)
 
     def _number(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
+        if len(events) == 1 and type(events[0]) is Posted:  # a deposit, a withdrawal: the common case
+            self._next_tx_id += 1
+            return (events[0].numbered(self._next_tx_id - 1),)
         out = []
         for event in events:
             if isinstance(event, Posted):
