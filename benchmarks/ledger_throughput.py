@@ -11,8 +11,8 @@ garbage-collection policy of ``balancesim serve``. Printed:
 - the engine: deposits committed per second with 1, 10 and 1,000 accounts and 8
   concurrent callers, each keeping a window of requests in flight.
 
-The last line is one JSON object for the 1,000-account case, in the mode (pinned
-or not) in which the engine was faster; the other mode's engine figure rides along.
+The last line is one JSON object for the 1,000-account case as balancesim runs
+(unpinned); the pinned figures ride along.
 """
 
 from __future__ import annotations
@@ -140,16 +140,19 @@ def main() -> None:
             print(f"  engine, {accounts:>5} accounts, {CALLERS} callers:   {rate:>9,}/s  "
                   f"= {rate / r['pykka_pipelined_ask_per_s']:.2f} × (b), "
                   f"{rate / r['sqlite_one_commit_per_s']:.1f} × (a)")
-    # The engine runs in whichever mode served it better; its figures are compared within that mode.
-    mode = max(results, key=lambda m: results[m]["engine_1000"])
-    chosen, other = results[mode], results["unpinned" if mode == "pinned" else "pinned"]
-    print(f"faster for the engine: {mode}")
+    # balancesim runs unpinned: pinned and unpinned engine figures have stayed within this
+    # VM's noise of each other (while pykka's trivial asks gain up to 3x), so pinning would
+    # buy the engine nothing. The JSON compares the engine with (a) and (b) as it runs.
+    engine, pinned = results["unpinned"], results["pinned"]
+    print(f"the engine, 1,000 accounts: {engine['engine_1000']:,}/s unpinned (as it runs), "
+          f"{pinned['engine_1000']:,}/s pinned")
     emit({
-        "engine_mutations_per_s": chosen["engine_1000"],
-        "sqlite_one_commit_per_s": chosen["sqlite_one_commit_per_s"],
-        "pykka_pipelined_ask_per_s": chosen["pykka_pipelined_ask_per_s"],
-        "mode": mode,
-        "other_mode_engine_mutations_per_s": other["engine_1000"],
+        "engine_mutations_per_s": engine["engine_1000"],
+        "sqlite_one_commit_per_s": engine["sqlite_one_commit_per_s"],
+        "pykka_pipelined_ask_per_s": engine["pykka_pipelined_ask_per_s"],
+        "mode": "unpinned",
+        "pinned_engine_mutations_per_s": pinned["engine_1000"],
+        "pinned_pykka_pipelined_ask_per_s": pinned["pykka_pipelined_ask_per_s"],
     })
 
 if __name__ == "__main__":
