@@ -55,6 +55,19 @@ DEFAULT_PAYOUT_RATES = {30: "0.10", 60: "0.15"}
 MAX_KEY_LENGTH = 128
 
 
+def _is_text(value: Any) -> bool:
+    """A string the ledger can store: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which UTF-8 cannot encode, and one such entry would fail its
+    whole group commit."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Engine:
     """Owns the ledger, the bus, the clock, the market and the account registry.
 
@@ -143,7 +156,7 @@ class Engine:
         """Create an account; the reply is ``{user_id, username, role}``."""
         if not isinstance(username, str) or not 1 <= len(username) <= 64 or not username.isprintable():
             return failed(errors.InvalidRequest("username must be 1 to 64 printable characters"))
-        if not isinstance(password, str) or not 1 <= len(password) <= 256:
+        if not _is_text(password) or not 1 <= len(password) <= 256:
             return failed(errors.InvalidRequest("password must be 1 to 256 characters"))
         if role not in ROLES:
             return failed(errors.InvalidRequest("role must be user, admin or superadmin"))
@@ -166,6 +179,8 @@ class Engine:
 
     def authenticate(self, username: str, password: str) -> dict[str, Any] | None:
         """``{user_id, username, role}`` when the password matches, else ``None``."""
+        if not (_is_text(username) and _is_text(password)):
+            return None
         row = self.ledger.user(username=username)
         if row is None or not verify_password(password, row["password_hash"]):
             return None
@@ -221,7 +236,7 @@ class Engine:
     def force_option(self, trade_id: str, outcome: str, admin_id: int,
                      *, idempotency_key: str | None = None) -> Reply:
         """Fix the outcome of an open trade at expiry; ``conflict`` once it has settled."""
-        trade = self.ledger.trade(trade_id) if isinstance(trade_id, str) else None
+        trade = self.ledger.trade(trade_id) if _is_text(trade_id) else None
         if trade is None:
             return failed(errors.UnknownTrade(f"no trade {trade_id!r}"))
         if trade.status != "open":
@@ -315,7 +330,7 @@ class Engine:
         params = {"amount": amount, "asset": asset, "description": description}
 
         def build() -> Command:
-            if not isinstance(description, str) or len(description) > 500:
+            if not _is_text(description) or len(description) > 500:
                 raise errors.InvalidRequest("description must be a string of at most 500 characters")
             if not isinstance(asset, str) or asset not in ("USDT", "BTC", "ETH"):
                 raise errors.InvalidRequest("asset must be one of USDT, BTC, ETH")
@@ -328,7 +343,7 @@ class Engine:
                 caller: int, key: str | None) -> Reply:
         try:
             self._require_user(user_id)
-            if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH):
+            if key is not None and (not _is_text(key) or not 1 <= len(key) <= MAX_KEY_LENGTH):
                 raise errors.InvalidRequest("Idempotency-Key must be 1 to 128 characters")
             command = build()
         except errors.BalancesimError as error:

@@ -172,6 +172,9 @@ def test_mutations_racing_passivation_all_land_in_order_on_a_successor(engine):
         (lambda e, u: e.withdraw(u, "1000"), "insufficient_funds"),
         (lambda e, u: e.adjust(u, "-1000"), "insufficient_funds"),
         (lambda e, u: e.deposit(u, "5", idempotency_key="k" * 129), "invalid_request"),
+        (lambda e, u: e.deposit(u, "5", description="\ud800"), "invalid_request"),
+        (lambda e, u: e.deposit(u, "5", idempotency_key="\udfff"), "invalid_request"),
+        (lambda e, u: e.force_option("T\ud800", "win", u), "unknown_trade"),
     ],
 )
 def test_bad_input_raises_its_code_and_changes_nothing(engine, recorder, call, code):
@@ -224,6 +227,9 @@ def test_usernames_are_unique_and_passwords_are_checked(engine):
     assert engine.authenticate("alice", "alice-pw")["username"] == "alice"
     assert engine.authenticate("alice", "wrong") is None
     assert engine.authenticate("nobody", "x") is None
+    assert engine.authenticate("alice", "\udc00") is None
+    with pytest.raises(errors.InvalidRequest):
+        engine.create_user("carol", "pw\ud800").get(timeout=TIMEOUT_S)
     stored = engine.ledger.user(username="alice")["password_hash"]
     assert "alice-pw" not in stored and stored.startswith("scrypt$")
 

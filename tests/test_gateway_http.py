@@ -115,6 +115,9 @@ class BadInput(GatewayCase):
         boss, alice, a = self.boss["token"], self.alice["token"], self.alice["user_id"]
         cases = [
             ("POST", "/api/admin/deposits", None, b"{not json", boss, 400, "invalid_json"),
+            ("POST", "/api/admin/deposits", None, b'{"user_id": %d, "amount": "1", "description": "\\ud800"}' % a,
+             boss, 400, "invalid_json"),
+            ("POST", "/api/login", None, b'{"username": "alice", "password": "\\uDC00"}', None, 400, "invalid_json"),
             ("POST", "/api/admin/deposits", None, b"", boss, 400, "invalid_request"),
             ("POST", "/api/admin/deposits", [1, 2], None, boss, 400, "invalid_request"),
             ("POST", "/api/admin/deposits", {"amount": "1"}, None, boss, 400, "invalid_request"),
@@ -153,6 +156,14 @@ class BadInput(GatewayCase):
             got, answer = await self.assert_unchanged(lambda: self.call(method, path, body, token, raw=raw))
             assert (got, answer["error"]["code"]) == (status, code), (path, body, raw, answer)
             assert answer["error"]["message"]
+
+    @gen_test
+    async def test_an_escaped_surrogate_pair_is_text_and_is_stored_as_such(self):
+        boss = (await self.account("boss", "superadmin"))["token"]
+        alice = await self.account("alice")
+        raw = b'{"user_id": %d, "amount": "1", "description": "\\ud83d\\ude00"}' % alice["user_id"]
+        status, body = await self.call("POST", "/api/admin/deposits", None, boss, raw=raw)
+        assert (status, body["transaction"]["description"]) == (201, "\U0001F600")
 
     @gen_test
     async def test_login_failures_beyond_the_limit_are_429(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from typing import Any, Awaitable, Callable
 
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 MAX_ID_DIGITS = 18
+# Only bodies with such an escape can decode to a lone surrogate; a valid pair
+# (an escaped emoji) passes the full check that follows.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 Result = tuple[int, dict[str, Any]] | None
 
@@ -113,10 +117,15 @@ class ApiHandler(JsonErrors):
     def body(self) -> dict[str, Any]:
         if self._size > self.ctx.max_body_bytes:
             raise errors.PayloadTooLarge(f"bodies are limited to {self.ctx.max_body_bytes} bytes")
+        raw = b"".join(self._chunks) or b"null"
         try:
-            body = json.loads(b"".join(self._chunks) or b"null")
+            body = json.loads(raw)
+            if _SURROGATE_ESCAPE.search(raw):
+                json.dumps(body, ensure_ascii=False).encode()
         except (ValueError, UnicodeDecodeError) as error:
             raise errors.InvalidJson("the body is not valid JSON") from error
+        except UnicodeEncodeError as error:
+            raise errors.InvalidJson("the body escapes a lone surrogate, which is not Unicode text") from error
         if not isinstance(body, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
         return body
