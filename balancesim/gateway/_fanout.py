@@ -4,7 +4,7 @@ The engine publishes a batch per group commit on the ledger writer's thread. The
 hub appends it to an inbox and schedules *one* ``IOLoop.add_callback`` for all
 batches waiting, so the hand-off costs one wake-up per burst, not per message.
 On the loop, each event is routed (``balancesim.routing.route``), encoded once,
-and the same text is written to every session in its audience. A session that
+and the same bytes are written to every session in its audience. A session that
 cannot keep up is closed by the session itself (4008) and never delays the rest.
 """
 
@@ -32,7 +32,7 @@ class Subscriber(Protocol):
     user_id: int
     is_admin: bool
 
-    def deliver(self, message: dict[str, Any], text: str) -> None: ...
+    def deliver(self, message: dict[str, Any], data: bytes) -> None: ...
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
@@ -130,9 +130,9 @@ class Hub:
             targets = self._everyone
         if not targets:
             return
-        text = json.dumps(delivery.message)
+        data = json.dumps(delivery.message).encode()
         for session in list(targets):
-            session.deliver(delivery.message, text)
+            session.deliver(delivery.message, data)
         self.metrics.messages.labels(delivery.message["type"]).inc(len(targets))
 
     def _throttle_tick(self, tick: PriceTicked) -> None:

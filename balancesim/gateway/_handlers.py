@@ -33,6 +33,7 @@ MAX_ID_DIGITS = 18
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 Result = tuple[int, dict[str, Any]] | None
+_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "an array"}
 
 
 def api(method: Callable[..., Awaitable[Result]]) -> Callable[..., Awaitable[None]]:
@@ -141,7 +142,7 @@ class ApiHandler(JsonErrors):
         if money:
             return value
         if type(value) is not kind:
-            raise errors.InvalidRequest(f"{name} must be a {kind.__name__ if kind is not str else 'string'}")
+            raise errors.InvalidRequest(f"{name} must be {_KIND_NAMES.get(kind, kind.__name__)}")
         return value
 
     def query_int(self, name: str, default: int, low: int, high: int) -> int:

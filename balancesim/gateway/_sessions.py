@@ -5,10 +5,15 @@ reads the committed snapshot (``user_balance_init``) and, with ``since``, replay
 the account's entries above it. Only then does it flush the buffer, skipping any
 ``balance_update`` of its own account at or below the last version it sent, so
 the seam between replay and live has no gap and no duplicate.
+
+Unsent bytes are bounded without a callback per message: frames flush in order,
+so knowing that one write has flushed says every earlier one has too. A session
+watches one write at a time and, once it flushes, the latest one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 from typing import Any
@@ -35,9 +40,12 @@ class SessionHandler(WebSocketHandler):
         self.ctx = ctx
         self.principal: Any = None
         self.since: int | None = None
-        self._buffer: list[tuple[dict[str, Any], str]] | None = []
+        self._buffer: list[tuple[dict[str, Any], bytes]] | None = []
         self._last_version = 0
-        self._pending_bytes = 0
+        self._written_bytes = 0
+        self._flushed_bytes = 0
+        self._latest: tuple[Any, int] | None = None
+        self._watching = False
         self._gone = False
 
     @property
@@ -73,6 +81,7 @@ class SessionHandler(WebSocketHandler):
             sock = self.ws_connection.stream.socket
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.ctx.send_buffer_bytes)
         self.ctx.hub.add(self)
+        self.ctx.hub.remember(self.user_id, self.principal.username)
         self.ctx.metrics.sessions.labels(self.principal.role).inc()
         try:
             snapshot = await self.ctx.blocking(self.ctx.engine.balance, self.user_id)
@@ -88,8 +97,8 @@ class SessionHandler(WebSocketHandler):
         if self.since is not None and self.since < snapshot["version"]:
             await self._replay(self.since)
         buffered, self._buffer = self._buffer or [], None
-        for message, text in buffered:
-            self.deliver(message, text)
+        for message, data in buffered:
+            self.deliver(message, data)
 
     async def _replay(self, after: int) -> None:
         while not self._gone:
@@ -102,16 +111,16 @@ class SessionHandler(WebSocketHandler):
             if len(page) < REPLAY_PAGE:
                 return
 
-    def deliver(self, message: dict[str, Any], text: str) -> None:
+    def deliver(self, message: dict[str, Any], data: bytes) -> None:
         """Send a routed message (encoded once by the hub), or buffer it while joining."""
         if self._buffer is not None:
-            self._buffer.append((message, text))
+            self._buffer.append((message, data))
             return
         if message["type"] == "balance_update" and message["user_id"] == self.user_id:
             if message["version"] <= self._last_version:
                 return
             self._last_version = message["version"]
-        self._write(text, message["type"])
+        self._write(data, message["type"])
 
     def on_message(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -135,12 +144,12 @@ class SessionHandler(WebSocketHandler):
         self._write_message({"type": "error", "code": code, "message": message})
 
     def _write_message(self, message: dict[str, Any]) -> None:
-        self._write(json.dumps(message), message["type"])
+        self._write(json.dumps(message).encode(), message["type"])
 
-    def _write(self, text: str, kind: str) -> None:
+    def _write(self, data: bytes, kind: str) -> None:
         if self._gone:
             return
-        if self._pending_bytes > self.ctx.max_pending_bytes:
+        if self._written_bytes - self._flushed_bytes > self.ctx.max_pending_bytes:
             # A reader this far behind would delay nobody else, but its buffer
             # would grow without bound: close it; it reconnects with since.
             self._gone = True
@@ -149,18 +158,30 @@ class SessionHandler(WebSocketHandler):
             self.close(4008, "too slow: reconnect with since")
             return
         try:
-            sent = self.write_message(text)
+            sent = self.write_message(data)
         except WebSocketClosedError:
             self._gone = True
             return
-        self._pending_bytes += len(text)
-        sent.add_done_callback(lambda done: self._sent(done, len(text)))
+        self._written_bytes += len(data)
+        self._latest = (sent, self._written_bytes)
+        if not self._watching:
+            self._watch()
         if kind in _SESSION_OWN:
             self.ctx.metrics.messages.labels(kind).inc()
 
-    def _sent(self, done: Any, size: int) -> None:
-        self._pending_bytes -= size
+    def _watch(self) -> None:
+        assert self._latest is not None
+        sent, mark = self._latest
+        self._watching = True
+        sent.add_done_callback(functools.partial(self._flushed, mark))
+
+    def _flushed(self, mark: int, done: Any) -> None:
+        self._watching = False
         try:
             done.result()
         except (StreamClosedError, WebSocketClosedError):
             self._gone = True
+            return
+        self._flushed_bytes = mark
+        if self._written_bytes > mark:
+            self._watch()
