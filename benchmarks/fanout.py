@@ -14,10 +14,13 @@ broadcasts the same number of same-sized messages to the same clients.
 
 Phase 1 also reports the server's CPU per deposit (every thread: HTTP, engine,
 fan-out): at ``--rate`` × that, the one core Python can use is that busy, and
-latency beyond it is queueing.
+latency beyond it is queueing. Phase 0 is the floor under it: the same clients
+post the same bodies at the same rate to a bare Tornado handler in the same
+process that parses the JSON and answers 201 with JSON, and the server's CPU per
+request is measured the same way.
 
 The last line is ``{"p50_ms", "p99_ms", "fanout_msgs_per_s", "bare_tornado_msgs_per_s",
-"server_cpu_us_per_deposit"}``.
+"server_cpu_us_per_deposit", "bare_tornado_post_cpu_us"}``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,17 @@ class BareBroadcast(RequestHandler):
         self.finish("ok")
 
 
+class BarePost(RequestHandler):
+    """A JSON POST and nothing behind it: what Tornado alone costs per deposit."""
+
+    def post(self) -> None:
+        body = json.loads(self.request.body)
+        self.set_status(201)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"transaction": {"user_id": body["user_id"], "amount": body["amount"],
+                                                "description": body["description"]}}))
+
+
 class CpuMark(RequestHandler):
     """The server process's CPU seconds so far, so the client can bracket a phase."""
 
@@ -84,7 +98,8 @@ def bare_app() -> Application:
     sessions: set = set()
     return Application([(r"/ws", BareSession, {"sessions": sessions}),
                         (r"/broadcast", BareBroadcast, {"sessions": sessions}),
-                        (r"/cpu", CpuMark)])
+                        (r"/deposits", BarePost),
+                        (r"/cpu", CpuMark)], log_function=lambda handler: None)
 
 
 def listen(app: Application) -> int:
@@ -116,11 +131,30 @@ async def server_cpu_s(cfg: dict) -> float:
     return float((await AsyncHTTPClient().fetch(f"http://{cfg['bare']}/cpu")).body)
 
 
+async def paced(cfg: dict, url: str, sent: dict[tuple[int, str], float]) -> float:
+    """Deposit to random users at ``cfg["rate"]`` for ``cfg["seconds"]``; the server's CPU s per call."""
+    users, total = cfg["users"], cfg["rate"] * cfg["seconds"]
+    cpu_before = await server_cpu_s(cfg)
+    rng = random.Random(1)
+    interval = 1 / cfg["rate"]
+    begin = time.perf_counter()
+    calls = []
+    for i in range(total):
+        target = begin + i * interval
+        if (delay := target - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        user = rng.choice(users)
+        sent[(user["user_id"], f"m{i}")] = time.perf_counter()
+        calls.append(asyncio.ensure_future(post(url, {"user_id": user["user_id"], "amount": "1", "description": f"m{i}"},
+                                                cfg["boss"])))
+    await asyncio.gather(*calls)
+    return (await server_cpu_s(cfg) - cpu_before) / total
+
+
 async def latency_phase(cfg: dict) -> tuple[list[float], float]:
     """The latencies, and the server's CPU seconds per deposit while they ran."""
     base, users = cfg["base"], cfg["users"]
     conns = await connect_all([f"ws://{base}/ws?token={u['token']}" for u in users])
-    cpu_before = await server_cpu_s(cfg)
     sent: dict[tuple[int, str], float] = {}
     latencies: list[float] = []
     done = asyncio.Event()
@@ -137,22 +171,8 @@ async def latency_phase(cfg: dict) -> tuple[list[float], float]:
                         done.set()
 
     readers = [asyncio.ensure_future(reader(c, u["user_id"])) for c, u in zip(conns, users)]
-    rng = random.Random(1)
-    interval = 1 / cfg["rate"]
-    begin = time.perf_counter()
-    calls = []
-    for i in range(total):
-        target = begin + i * interval
-        if (delay := target - time.perf_counter()) > 0:
-            await asyncio.sleep(delay)
-        user = rng.choice(users)
-        sent[(user["user_id"], f"m{i}")] = time.perf_counter()
-        calls.append(asyncio.ensure_future(post(f"http://{base}/api/admin/deposits",
-                                                {"user_id": user["user_id"], "amount": "1", "description": f"m{i}"},
-                                                cfg["boss"])))
-    await asyncio.gather(*calls)
+    cpu_per_deposit_s = await paced(cfg, f"http://{base}/api/admin/deposits", sent)
     await asyncio.wait_for(done.wait(), 60)
-    cpu_per_deposit_s = (await server_cpu_s(cfg) - cpu_before) / total
     for conn in conns:
         conn.close()
     for task in readers:
@@ -190,6 +210,7 @@ async def burst_phase(urls: list[str], trigger, count: int, kind: str, *, greete
 
 async def client_main(cfg: dict) -> dict:
     configure_http(100)
+    bare_post_cpu_s = await paced(cfg, f"http://{cfg['bare']}/deposits", {})
     latencies, cpu_per_deposit_s = await latency_phase(cfg)
     latencies.sort()
     base, boss, admins, burst = cfg["base"], cfg["boss"], cfg["admins"], cfg["burst"]
@@ -216,7 +237,8 @@ async def client_main(cfg: dict) -> dict:
 
     return {"p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": round(latencies[-1], 2),
             "deliveries": len(latencies), "fanout_msgs_per_s": round(fanout), "bare_tornado_msgs_per_s": round(bare),
-            "server_cpu_us_per_deposit": round(cpu_per_deposit_s * 1e6)}
+            "server_cpu_us_per_deposit": round(cpu_per_deposit_s * 1e6),
+            "bare_tornado_post_cpu_us": round(bare_post_cpu_s * 1e6)}
 
 
 # -- the server process ------------------------------------------------------------------
@@ -263,11 +285,13 @@ def main() -> None:
           f"max {result['max_ms']} ms over {result['deliveries']} deliveries; the server spent "
           f"{result['server_cpu_us_per_deposit']} µs of CPU per deposit (all threads: HTTP, engine, fan-out), "
           f"so {args.rate} deposits/s kept it {result['server_cpu_us_per_deposit'] * args.rate / 1e4:.0f}% busy on one core")
+    print(f"the same posts to a bare Tornado JSON handler in the same process: {result['bare_tornado_post_cpu_us']} µs of "
+          f"CPU each, {result['bare_tornado_post_cpu_us'] * args.rate / 1e4:.0f}% of the core at {args.rate}/s before any work")
     print(f"admin monitor fan-out to {args.sessions} admin sessions: {result['fanout_msgs_per_s']:,} msgs/s; "
           f"bare Tornado broadcast of the same: {result['bare_tornado_msgs_per_s']:,} msgs/s "
           f"({result['fanout_msgs_per_s'] / result['bare_tornado_msgs_per_s']:.2f} ×)")
     emit({key: result[key] for key in ("p50_ms", "p99_ms", "fanout_msgs_per_s", "bare_tornado_msgs_per_s",
-                                       "server_cpu_us_per_deposit")})
+                                       "server_cpu_us_per_deposit", "bare_tornado_post_cpu_us")})
 
 
 if __name__ == "__main__":
