@@ -140,6 +140,22 @@ class SlowReader(GatewayCase):
         return raw
 
     @gen_test(timeout=30)
+    async def test_a_reader_that_keeps_up_receives_many_times_the_bound_and_stays_open(self):
+        boss = await self.account("boss", "superadmin")
+        watcher = await self.account("watcher", "admin")
+        alice = await self.account("alice")
+        ws = await self.session(watcher)
+        sent_bytes = 0
+        for _ in range(200):
+            await self.call("POST", "/api/admin/deposits", {"user_id": alice["user_id"], "amount": "1", "description": "x" * 400}, boss["token"])
+            while (message := await self.receive(ws))["type"] != "admin_balance_monitor":
+                pass
+            sent_bytes += len(json.dumps(message))
+        assert sent_bytes > 2 * self.app_options["max_pending_bytes"]
+        assert self.ctx.metrics.slow_closed._value.get() == 0
+        assert self.ctx.hub.counts()["admins"] == 1
+
+    @gen_test(timeout=30)
     async def test_a_stalled_reader_is_closed_with_4008_while_a_normal_reader_keeps_receiving(self):
         boss = await self.account("boss", "superadmin")
         watcher = await self.account("watcher", "admin")
