@@ -166,6 +166,15 @@ class BadInput(GatewayCase):
         assert (status, body["transaction"]["description"]) == (201, "\U0001F600")
 
     @gen_test
+    async def test_a_lone_surrogate_escape_is_refused_as_not_unicode(self):
+        boss = (await self.account("boss", "superadmin"))["token"]
+        self.alice = await self.account("alice")
+        raw = b'{"user_id": %d, "amount": "1", "description": "\\udc00"}' % self.alice["user_id"]
+        status, body = await self.assert_unchanged(lambda: self.call("POST", "/api/admin/deposits", None, boss, raw=raw))
+        assert (status, body["error"]["code"]) == (400, "invalid_json")
+        assert "surrogate" in body["error"]["message"]
+
+    @gen_test
     async def test_login_failures_beyond_the_limit_are_429(self):
         await self.account("alice")
         for _ in range(3):

@@ -91,7 +91,7 @@ class Hub:
         self._everyone.discard(session)
 
     def remember(self, user_id: int, username: str) -> None:
-        """Note a new account's name for the admin monitor."""
+        """Note an account's name for the admin monitor (a new account, or a session's own)."""
         self._usernames[user_id] = username
 
     def counts(self) -> dict[str, int]:

@@ -33,7 +33,7 @@ MAX_ID_DIGITS = 18
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 Result = tuple[int, dict[str, Any]] | None
-_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "an array"}
+_KIND_NAMES = {int: "an integer", str: "a string"}
 
 
 def api(method: Callable[..., Awaitable[Result]]) -> Callable[..., Awaitable[None]]:
@@ -121,12 +121,13 @@ class ApiHandler(JsonErrors):
         raw = b"".join(self._chunks) or b"null"
         try:
             body = json.loads(raw)
-            if _SURROGATE_ESCAPE.search(raw):
-                json.dumps(body, ensure_ascii=False).encode()
-        except (ValueError, UnicodeDecodeError) as error:
+        except ValueError as error:  # UnicodeDecodeError included
             raise errors.InvalidJson("the body is not valid JSON") from error
-        except UnicodeEncodeError as error:
-            raise errors.InvalidJson("the body escapes a lone surrogate, which is not Unicode text") from error
+        if _SURROGATE_ESCAPE.search(raw):
+            try:
+                json.dumps(body, ensure_ascii=False).encode()
+            except UnicodeEncodeError as error:
+                raise errors.InvalidJson("the body escapes a lone surrogate, which is not Unicode text") from error
         if not isinstance(body, dict):
             raise errors.InvalidRequest("the body must be a JSON object")
         return body
