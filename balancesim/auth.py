@@ -2,6 +2,8 @@
 
 The stored form carries its own cost parameters, so a cheap cost chosen for a
 simulation with thousands of throwaway users still verifies against the same code.
+Hashing takes tens of milliseconds at the default cost: call these off the IOLoop
+(the engine runs them on its own threads).
 """
 
 from __future__ import annotations
@@ -10,26 +12,14 @@ import hashlib
 import hmac
 import secrets
 
+from balancesim.vocabulary import ADMIN_ROLES, MAY, ROLES, SUPERADMIN_ROLES
+
 __all__ = ["hash_password", "verify_password", "DEFAULT_COST", "ROLES", "ADMINS", "SUPERADMINS", "MAY"]
 
 DEFAULT_COST = 2**14
-ROLES = ("user", "admin", "superadmin")
-ADMINS = ("admin", "superadmin")
-SUPERADMINS = ("superadmin",)
-
-# PROTOCOL.md's "who" column: the roles that may do each operation. The gateway
-# and the in-process scenario world both enforce it from here.
-MAY = {
-    "read_all": ADMINS,
-    "create_user": ADMINS,
-    "deposit": SUPERADMINS,
-    "withdraw": SUPERADMINS,
-    "adjust": SUPERADMINS,
-    "control": SUPERADMINS,
-    "force": ADMINS,
-    "option": ROLES,
-    "spot": ROLES,
-}
+# Kept for callers of the old names; the sets themselves live in ``balancesim.vocabulary``.
+ADMINS = ADMIN_ROLES
+SUPERADMINS = SUPERADMIN_ROLES
 
 
 def hash_password(password: str, *, cost: int = DEFAULT_COST) -> str:

@@ -1,4 +1,9 @@
-"""Typed errors carrying PROTOCOL.md's error codes and HTTP statuses."""
+"""Typed errors carrying PROTOCOL.md's error codes and HTTP statuses.
+
+Each is a plain class, so readers, IDEs and type checkers see it. ``by_code``
+turns a code back into its class: a rejection that crossed a process boundary as
+``{code, message}`` is raised again as the same error.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ __all__ = [
     "RateLimited",
     "PayloadTooLarge",
     "StorageUnavailable",
+    "Unavailable",
+    "Timeout",
+    "by_code",
 ]
 
 
@@ -44,20 +52,105 @@ class BalancesimError(Exception):
         return hash((self.code, self.message))
 
 
-def _error(name: str, code: str, status: int) -> type[BalancesimError]:
-    return type(name, (BalancesimError,), {"code": code, "status": status, "__doc__": f"`{code}` ({status})."})
+class InvalidJson(BalancesimError):
+    """``invalid_json`` (400): the body or frame is not JSON."""
+
+    code, status = "invalid_json", 400
 
 
-InvalidJson = _error("InvalidJson", "invalid_json", 400)
-InvalidRequest = _error("InvalidRequest", "invalid_request", 400)
-InvalidAmount = _error("InvalidAmount", "invalid_amount", 400)
-UnknownUser = _error("UnknownUser", "unknown_user", 404)
-UnknownTrade = _error("UnknownTrade", "unknown_trade", 404)
-InsufficientFunds = _error("InsufficientFunds", "insufficient_funds", 409)
-Unauthorized = _error("Unauthorized", "unauthorized", 401)
-Forbidden = _error("Forbidden", "forbidden", 403)
-Conflict = _error("Conflict", "conflict", 409)
-NotFound = _error("NotFound", "not_found", 404)
-RateLimited = _error("RateLimited", "rate_limited", 429)
-PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", 413)
-StorageUnavailable = _error("StorageUnavailable", "storage_unavailable", 503)
+class InvalidRequest(BalancesimError):
+    """``invalid_request`` (400): a field is missing, of the wrong type or out of its set."""
+
+    code, status = "invalid_request", 400
+
+
+class InvalidAmount(BalancesimError):
+    """``invalid_amount`` (400): not a decimal string in range."""
+
+    code, status = "invalid_amount", 400
+
+
+class UnknownUser(BalancesimError):
+    """``unknown_user`` (404)."""
+
+    code, status = "unknown_user", 404
+
+
+class UnknownTrade(BalancesimError):
+    """``unknown_trade`` (404)."""
+
+    code, status = "unknown_trade", 404
+
+
+class InsufficientFunds(BalancesimError):
+    """``insufficient_funds`` (409): the balance would go below zero."""
+
+    code, status = "insufficient_funds", 409
+
+
+class Unauthorized(BalancesimError):
+    """``unauthorized`` (401): no live token, or wrong credentials."""
+
+    code, status = "unauthorized", 401
+
+
+class Forbidden(BalancesimError):
+    """``forbidden`` (403): the caller's role may not do this."""
+
+    code, status = "forbidden", 403
+
+
+class Conflict(BalancesimError):
+    """``conflict`` (409): taken, settled already, or a key reused for another request."""
+
+    code, status = "conflict", 409
+
+
+class NotFound(BalancesimError):
+    """``not_found`` (404): no such route."""
+
+    code, status = "not_found", 404
+
+
+class RateLimited(BalancesimError):
+    """``rate_limited`` (429): too many failed logins; ``retry_after_s`` says when to try."""
+
+    code, status = "rate_limited", 429
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PayloadTooLarge(BalancesimError):
+    """``payload_too_large`` (413): refused unread."""
+
+    code, status = "payload_too_large", 413
+
+
+class StorageUnavailable(BalancesimError):
+    """``storage_unavailable`` (503): the ledger could not be written; nothing changed."""
+
+    code, status = "storage_unavailable", 503
+
+
+class Unavailable(BalancesimError):
+    """``unavailable`` (503): the request reached no engine; nothing changed."""
+
+    code, status = "unavailable", 503
+
+
+class Timeout(BalancesimError):
+    """``timeout`` (504): the outcome is unknown; repeat with the same key to learn it."""
+
+    code, status = "timeout", 504
+
+
+_BY_CODE: dict[str, type[BalancesimError]] = {
+    cls.code: cls for cls in BalancesimError.__subclasses__()
+}
+
+
+def by_code(code: str, message: str) -> BalancesimError:
+    """The error of ``code`` with ``message`` (an unknown code becomes ``invalid_request``)."""
+    return _BY_CODE.get(code, InvalidRequest)(message)

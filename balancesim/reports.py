@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-from balancesim.actors import ASSETS, transaction_view
+from balancesim.actors import ASSETS
+from balancesim.views import transaction_view
 from balancesim.actors._ledger import _TX_COLUMNS, connect, posted_from_row, snapshot
 from balancesim.errors import UnknownUser
 from balancesim.money import format_amount

@@ -18,19 +18,18 @@ from balancesim.actors import (
     OptionSettled,
     Posted,
     PriceTicked,
-    balance_update,
-    control_update,
     iso,
-    trade_view,
 )
 from balancesim.money import format_amount
+from balancesim.views import balance_update, control_update, trade_view
+from balancesim.vocabulary import ADMIN_ROLES as _ADMIN_ROLES
 
 __all__ = ["OWNER", "ADMINS", "EVERYONE", "Delivery", "route", "ADMIN_ROLES"]
 
 OWNER = "owner"
 ADMINS = "admins"
 EVERYONE = "everyone"
-ADMIN_ROLES = frozenset({"admin", "superadmin"})
+ADMIN_ROLES = frozenset(_ADMIN_ROLES)
 
 
 @dataclass(frozen=True)

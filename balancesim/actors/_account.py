@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import pykka
 
@@ -17,13 +16,14 @@ from balancesim.actors._pooled import Dispatcher, PooledActor
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState, apply_all, decide
 
-__all__ = ["AccountActor", "Request"]
+__all__ = ["AccountActor", "Envelope"]
 
 log = logging.getLogger(__name__)
 
 
-class Request(NamedTuple):
-    """A command for an account, the reply to complete, and an optional idempotency key.
+class Envelope(NamedTuple):
+    """What an account actor receives: a command, the reply to complete, and an
+    optional idempotency ``(caller_id, key, fingerprint)``.
 
     A named tuple: one is made per mutation, and a frozen dataclass builds slower.
     """
@@ -38,49 +38,18 @@ class _Reload:
     """The ledger failed to commit one of ours: our in-memory state is ahead of it."""
 
 
-class _InFlight:
-    """The account's ``Tracker``: counts submissions the ledger has not answered,
-    completes ``drained`` once the actor has stopped and the count is zero, and
-    asks the actor to reload when a commit failed."""
-
-    def __init__(self, drained: Reply, reload: Callable[[], None]) -> None:
-        self._count = 0
-        self._closed = False
-        self._drained = drained
-        self._reload = reload
-        self._lock = threading.Lock()
-
-    def add(self) -> None:
-        with self._lock:
-            self._count += 1
-
-    def settled(self) -> None:
-        with self._lock:
-            self._count -= 1
-            finished = self._closed and self._count == 0
-        if finished:
-            self._drained.set(None)
-
-    def failed(self) -> None:
-        self._reload()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            finished = self._count == 0
-        if finished:
-            self._drained.set(None)
-
-
 class AccountActor(PooledActor):
     """Decides commands for one account and pipelines the results to the ledger.
 
     The actor applies a confirmed decision to its state at once and goes on to the
     next command while the ledger commits, so one busy account is not bound to
     one fsync per mutation; the reply waits for the commit. If a commit fails,
-    the actor reloads its state from the ledger. A successor of a passivated
-    actor starts only once ``drained`` says every in-flight commit is answered,
-    so it never loads a state that is about to change.
+    the writer calls ``on_failure`` (its one way back into an actor) and the
+    actor reloads its state from the ledger. A successor of a passivated actor
+    starts only once ``drained`` says every commit of its predecessor is
+    answered, so it never loads a state that is about to change: on stop, the
+    actor queues a ledger barrier behind its last submission, and the barrier's
+    completion sets ``drained``.
 
     Args:
         user_id: the account.
@@ -108,13 +77,15 @@ class AccountActor(PooledActor):
         self.ledger = ledger
         self.clock = clock
         self.state: AccountState | None = None
-        self._in_flight = _InFlight(drained, self._reload_later)
+        self._drained = drained
+        self._missing = False  # loaded, and there is no such account
 
     def on_start(self) -> None:
         self._load()
 
     def on_stop(self) -> None:
-        self._in_flight.close()
+        # The ledger's queue is FIFO: the barrier completes after every submission of ours.
+        self.ledger.flush().add_done_callback(lambda _: self._drained.set(None))
 
     def on_receive(self, message: Any) -> None:
         # Every request must be answered: an exception escaping to pykka would
@@ -125,7 +96,10 @@ class AccountActor(PooledActor):
         if self.state is None:
             self._load()
         if self.state is None:
-            message.reply.set_exception(errors.StorageUnavailable("the account could not be loaded"))
+            message.reply.set_exception(
+                errors.UnknownUser(f"no user {self.user_id}") if self._missing
+                else errors.StorageUnavailable("the account could not be loaded")
+            )
             return
         try:
             self._handle(message)
@@ -135,25 +109,27 @@ class AccountActor(PooledActor):
             if not message.reply.done():
                 message.reply.set_exception(error)
 
-    def _handle(self, message: Request) -> None:
+    def _handle(self, message: Envelope) -> None:
         verdict = decide(self.state, message.command, self.clock.now())
         if isinstance(verdict, Rejected):
             message.reply.set_exception(verdict.error)
             return
         self.state = apply_all(self.state, verdict.events)
-        self._in_flight.add()
         self.ledger.append(Submission(
-            self.user_id, message.command, verdict.events, message.reply, self._in_flight, message.idempotency,
+            self.user_id, message.command, verdict.events, message.reply, self._reload_later,
+            message.idempotency,
         ))
 
     def _load(self) -> None:
         """Load the committed state; on a storage error stay unloaded and retry on the next request."""
+        self._missing = False
         try:
             self.state = self.ledger.load_account(self.user_id)
         except Exception:  # noqa: BLE001 - storage trouble is reported per request
             log.exception("account %s could not be loaded", self.user_id)
             self.state = None
             return
+        self._missing = self.state is None
         self.ledger.reset(self.user_id)
 
     def _reload_later(self) -> None:

@@ -4,7 +4,8 @@ One writer thread owns the only write connection and commits *group-wise*: it
 takes every submission waiting in its queue (up to ``batch_max``) and commits
 them in one transaction, so the durable rate is not one fsync per mutation.
 Only after the commit does it publish the events and complete the replies: a
-reply means the entries are on disk.
+reply means the entries are on disk. Replies carry ``Confirmed`` records of the
+committed events; the ledger knows nothing of HTTP.
 
 A failed commit fails every submission in the batch and *poisons* the accounts
 involved: their later submissions (decided on top of the failed state) fail too,
@@ -23,28 +24,31 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
 from balancesim import errors
 from balancesim.actors._clock import iso
+from balancesim.actors._codec import decode, encode
 from balancesim.actors._messages import (
     ASSETS,
     Command,
+    Confirmed,
     ControlModeSet,
+    CreateUser,
     Event,
     OptionForced,
     OptionOpened,
     OptionSettled,
     Posted,
     Trade,
+    UserCreated,
 )
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState
-from balancesim.actors._views import result_of
 
-__all__ = ["Ledger", "Submission", "Tracker", "connect", "create_schema", "insert_user", "parse_ts", "snapshot"]
+__all__ = ["Ledger", "Submission", "connect", "create_schema", "insert_user", "parse_ts", "snapshot"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -214,49 +218,35 @@ def _metadata_json(metadata: Any) -> str:
     return json.dumps(dict(metadata), sort_keys=True) if metadata else "{}"
 
 
-class Tracker(Protocol):
-    """The submitting account's view of its submissions."""
-
-    def settled(self) -> None:
-        """One submission has been answered, committed or not."""
-
-    def failed(self) -> None:
-        """A commit of ours failed: the in-memory state is ahead of the ledger."""
-
-
 @dataclass(slots=True)
 class Submission:
-    """One decision of one account, to be committed atomically with its batch.
+    """One decision, to be committed atomically with its batch.
 
     Args:
-        user_id: the account.
-        command: what was decided; with the numbered events it makes the reply.
-        events: what ``decide`` confirmed, in order.
-        reply: completed with ``result_of(command, committed_events)`` after the commit.
-        tracker: told when the submission is answered, and when its commit failed.
-        idempotency: ``(caller_id, key, fingerprint)`` to remember the result under.
+        user_id: the account (``None`` for a ``CreateUser``, whose id the writer assigns).
+        command: what was decided.
+        events: what ``decide`` confirmed, in order; the writer numbers them
+            (transaction ids, a new user's id) at commit.
+        reply: completed with ``Confirmed(numbered events)`` after the commit, or
+            with the error that kept it out.
+        on_failure: the one way the writer calls back into an account: its
+            commit failed, so its in-memory state is ahead of the ledger and it
+            must reload (and then ``reset``).
+        idempotency: ``(caller_id, key, fingerprint)``; the committed events are
+            stored under it in the same transaction.
     """
 
-    user_id: int
+    user_id: int | None
     command: Command
     events: tuple[Event, ...]
     reply: Reply
-    tracker: Tracker
+    on_failure: Callable[[], None] | None = None
     idempotency: tuple[int, str, str] | None = None
 
 
 @dataclass
 class _Reset:
     user_id: int
-
-
-@dataclass
-class _CreateUser:
-    username: str
-    role: str
-    password_hash: str
-    now: float
-    reply: Reply
 
 
 @dataclass
@@ -271,6 +261,9 @@ log = logging.getLogger(__name__)
 
 class Ledger:
     """The durable ledger with its group-commit writer and a pool of readers.
+
+    The ledger stores events and entries; it knows nothing of HTTP. What it
+    completes a reply with is a ``Confirmed`` record of the committed events.
 
     Args:
         path: the SQLite file.
@@ -304,7 +297,9 @@ class Ledger:
         """Call ``listener(events)`` on the writer thread after every commit.
 
         The events of one batch come in commit order, so each account's entries
-        arrive in version order. The listener must be quick and must not block.
+        arrive in version order. Listeners run before the batch's replies are
+        completed, so whatever they start (a trade's expiry on the clock) is in
+        place before a caller learns of the commit. They must be quick.
         """
         self._listeners.append(listener)
 
@@ -316,14 +311,8 @@ class Ledger:
         """Mark where an account's decisions start again after a reload."""
         self._queue.put(_Reset(user_id))
 
-    def create_user(self, username: str, role: str, password_hash: str, now: float) -> Reply:
-        """Create a user through the writer; the reply carries the new ``user_id``."""
-        reply = Reply()
-        self._queue.put(_CreateUser(username, role, password_hash, now, reply))
-        return reply
-
     def flush(self) -> Reply:
-        """A reply completed once everything queued before it is committed."""
+        """A reply completed once everything queued before it is committed (or failed)."""
         barrier = _Barrier()
         self._queue.put(barrier)
         return barrier.reply
@@ -356,7 +345,6 @@ class Ledger:
 
     def _commit(self, batch: list[Any]) -> None:
         accepted: list[Submission] = []
-        users: list[_CreateUser] = []
         barriers: list[_Barrier] = []
         for item in batch:
             if type(item) is Submission:
@@ -364,41 +352,33 @@ class Ledger:
                     item.reply.set_exception(
                         errors.StorageUnavailable("the ledger could not store an earlier change")
                     )
-                    item.tracker.settled()
                 else:
                     accepted.append(item)
             elif isinstance(item, _Reset):
                 self._poisoned.discard(item.user_id)
-            elif isinstance(item, _Barrier):
-                barriers.append(item)
             else:
-                users.append(item)
+                barriers.append(item)
         first_tx_id = self._next_tx_id
         try:
-            numbered = [(sub, self._number(sub.events)) for sub in accepted]
-            results = [result_of(sub.command, events) for sub, events in numbered]
-            created = self._write(numbered, results, users)
+            outcomes = self._write(accepted)
         except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
             self._next_tx_id = first_tx_id
-            self._fail(accepted, users, error)
+            self._fail(accepted, error)
         else:
             self.commits += 1
             self.committed_submissions += len(accepted)
-            events = [event for _, evs in numbered for event in evs]
+            events = [event for outcome in outcomes if type(outcome) is tuple for event in outcome]
             if events:
                 for listener in self._listeners:
                     try:
                         listener(events)
                     except Exception:  # noqa: BLE001 - committed is committed: reply regardless
                         log.exception("commit listener %r failed", listener)
-            for (sub, _), result in zip(numbered, results):
-                sub.reply.set(result)
-                sub.tracker.settled()
-            for create, outcome in zip(users, created):
-                if isinstance(outcome, Exception):
-                    create.reply.set_exception(outcome)
+            for sub, outcome in zip(accepted, outcomes):
+                if type(outcome) is tuple:
+                    sub.reply.set(Confirmed(outcome))
                 else:
-                    create.reply.set(outcome)
+                    sub.reply.set_exception(outcome)
         for barrier in barriers:
             barrier.reply.set(None)
 
@@ -414,7 +394,9 @@ class Ledger:
             out.append(event)
         return tuple(out)
 
-    def _write(self, numbered: list, results: list, users: list[_CreateUser]) -> list:
+    def _write(self, accepted: list[Submission]) -> list[tuple[Event, ...] | errors.BalancesimError]:
+        """Commit ``accepted`` in one transaction; per submission its numbered events, or
+        the error (a taken username) that kept it out without failing the rest."""
         if self._fault is not None:
             error = self._fault
             if self._fault_times is not None:
@@ -424,30 +406,34 @@ class Ledger:
             raise error
         db = self._db
         tx_rows, balances, versions, trades, controls, keys = [], {}, {}, [], [], []
-        for (sub, events), result in zip(numbered, results):
-            for event in events:
-                if isinstance(event, Posted):
-                    tx_rows.append((
-                        event.transaction_id, event.user_id, event.asset, event.amount,
-                        event.balance_after, event.type, event.description,
-                        _metadata_json(event.metadata), event.version,
-                        iso(event.ts), event.initiated_by,
-                    ))
-                    balances[(event.user_id, event.asset)] = event.balance_after
-                    versions[event.user_id] = event.version
-                elif isinstance(event, (OptionOpened, OptionForced, OptionSettled)):
-                    trades.append(_trade_row(event.trade))
-                elif isinstance(event, ControlModeSet):
-                    controls.append((event.user_id, event.mode, event.set_by, iso(event.ts)))
-            if sub.idempotency is not None:
-                keys.append((*sub.idempotency, json.dumps(result)))
-        created: list = []
+        outcomes: list[tuple[Event, ...] | errors.BalancesimError] = []
         with db.atomic():
-            for create in users:
-                try:
-                    created.append(insert_user(db, create.username, create.role, create.password_hash, create.now))
-                except errors.Conflict as error:
-                    created.append(error)
+            for sub in accepted:
+                if type(sub.command) is CreateUser:
+                    try:
+                        events = (self._insert_user(sub.command, sub.events[0]),)
+                    except errors.Conflict as error:
+                        outcomes.append(error)
+                        continue
+                else:
+                    events = self._number(sub.events)
+                for event in events:
+                    if type(event) is Posted:
+                        tx_rows.append((
+                            event.transaction_id, event.user_id, event.asset, event.amount,
+                            event.balance_after, event.type, event.description,
+                            _metadata_json(event.metadata), event.version,
+                            iso(event.ts), event.initiated_by,
+                        ))
+                        balances[(event.user_id, event.asset)] = event.balance_after
+                        versions[event.user_id] = event.version
+                    elif isinstance(event, (OptionOpened, OptionForced, OptionSettled)):
+                        trades.append(_trade_row(event.trade))
+                    elif isinstance(event, ControlModeSet):
+                        controls.append((event.user_id, event.mode, event.set_by, iso(event.ts)))
+                outcomes.append(events)
+                if sub.idempotency is not None:
+                    keys.append((*sub.idempotency, encode(Confirmed(events)).decode()))
             conn = db.conn
             # An empty executemany still prepares its statement: with small batches
             # (a few requests per commit) that was a fixed cost worth skipping.
@@ -466,18 +452,21 @@ class Ledger:
             ):
                 if rows:
                     conn.executemany(sql, rows)
-        return created
+        return outcomes
 
-    def _fail(self, accepted: list[Submission], users: list[_CreateUser], error: Exception) -> None:
+    def _insert_user(self, command: CreateUser, decided: UserCreated) -> UserCreated:
+        user_id = insert_user(self._db, command.username, command.role, command.password_hash, decided.ts)
+        return UserCreated(user_id, decided.username, decided.role, decided.ts)
+
+    def _fail(self, accepted: list[Submission], error: Exception) -> None:
         failure = errors.StorageUnavailable(f"the ledger could not be written: {error}")
         for sub in accepted:
-            self._poisoned.add(sub.user_id)
+            if sub.user_id is not None:
+                self._poisoned.add(sub.user_id)
         for sub in accepted:
-            sub.tracker.failed()
+            if sub.on_failure is not None:
+                sub.on_failure()
             sub.reply.set_exception(failure)
-            sub.tracker.settled()
-        for create in users:
-            create.reply.set_exception(failure)
 
     # -- reading -------------------------------------------------------------------
 
@@ -571,10 +560,19 @@ class Ledger:
         return list(out.values())
 
     def remembered(self, caller_id: int, key: str) -> tuple[str, Any] | None:
-        """``(fingerprint, result)`` stored under an idempotency key, if any."""
+        """``(fingerprint, Confirmed)`` stored under an idempotency key, if any.
+
+        A ledger written by an older release stored the response body itself:
+        that comes back as the body (a ``dict``), to be answered as it is.
+        """
         with self.reading() as db:
             row = db.execute(
                 "SELECT fingerprint, result FROM idempotency WHERE caller_id = ? AND key = ?",
                 (caller_id, key),
             ).fetchone()
-        return None if row is None else (row[0], json.loads(row[1]))
+        if row is None:
+            return None
+        try:
+            return row[0], decode(row[1])
+        except ValueError:
+            return row[0], json.loads(row[1])

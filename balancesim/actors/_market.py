@@ -5,9 +5,15 @@ trade is one entry in the clock's timer heap, whose callback only ``tell``s this
 actor ``Expire``. Ticks reach the same actor the same way, so ticks and expiries
 are handled in clock order by one thread: a trade's exit price is the last price
 ticked at or before its expiry, and under the virtual clock every run with the
-same seed settles the same trades at the same prices. The actor then sends the
-owner's account actor ``SettleOption``; the account decides the outcome (admin
-force, control mode, market) and settles at most once.
+same seed settles the same trades at the same prices.
+
+The data path runs one way. The market subscribes to committed events: an
+``OptionOpened`` puts the trade's expiry on the clock (on the writer's thread,
+before the opener's reply completes, so no caller can advance a virtual clock
+past an expiry that is not yet scheduled). At expiry it submits a
+``SettleOption`` command through the engine's command door, like any other
+client; the account decides the outcome (admin force, control mode, market) and
+settles at most once. The market keeps only the settlements still in flight.
 
 Prices are integer units of 1e-8 and move by whole basis points, so the walk is
 exact and the same on every machine.
@@ -16,6 +22,7 @@ exact and the same on every machine.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -23,7 +30,7 @@ import pykka
 
 from balancesim.actors._bus import EventBus
 from balancesim.actors._clock import Clock, Timer
-from balancesim.actors._messages import PriceTicked, SettleOption, Trade
+from balancesim.actors._messages import Command, OptionOpened, PriceTicked, SettleOption, Trade
 from balancesim.actors._reply import Reply
 from balancesim.money import UNIT
 
@@ -58,7 +65,7 @@ class _Expire:
 
 @dataclass(frozen=True)
 class _Sync:
-    """Answered with the settlement replies sent so far, which it forgets."""
+    """Answered with the settlement replies still in flight."""
 
 
 class MarketActor(pykka.ThreadingActor):
@@ -66,9 +73,11 @@ class MarketActor(pykka.ThreadingActor):
 
     Args:
         clock: drives ticks and expiries.
-        bus: where ticks are published.
-        settle: delivers a ``SettleOption`` (with its reply) to the owner's account.
+        bus: where ticks are published and committed events come from.
+        submit: the engine's command door; settlements go in through it.
         board: where the latest prices are shown to other threads.
+        open_trades: trades open at start (from the ledger); overdue ones settle
+            at once, at the first price, noted ``settled_after_restart``.
         seed: the random walk's seed.
         tick_s: simulated seconds between ticks.
         step_bp: the largest move of one tick, in basis points.
@@ -80,9 +89,10 @@ class MarketActor(pykka.ThreadingActor):
         self,
         clock: Clock,
         bus: EventBus,
-        settle: Callable[[SettleOption, Reply], None],
+        submit: Callable[[Command], Reply],
         board: PriceBoard,
         *,
+        open_trades: tuple[Trade, ...] = (),
         seed: int = 0,
         tick_s: float = 1.0,
         step_bp: int = 10,
@@ -90,13 +100,20 @@ class MarketActor(pykka.ThreadingActor):
         super().__init__()
         self.clock = clock
         self.bus = bus
-        self.settle = settle
+        self.submit = submit
         self.rng = random.Random(seed)
         self.board = board
         self.tick_s = tick_s
         self.step_bp = step_bp
         self._ticker: Timer | None = None
-        self._settlements: list[Reply] = []
+        # Settlements submitted and not yet answered; each removes itself when it is.
+        self._in_flight: set[Reply] = set()
+        self._lock = threading.Lock()
+        now = clock.now()
+        for trade in open_trades:
+            self._schedule(trade, {"settled_after_restart": True} if trade.expires_at <= now else {})
+        # Subscribed here, in the starter's thread, so no trade opened after start is missed.
+        self._unsubscribe = bus.subscribe(self._on_committed)
 
     def on_start(self) -> None:
         self.board.ts = self.clock.now()
@@ -106,18 +123,23 @@ class MarketActor(pykka.ThreadingActor):
         )
 
     def on_stop(self) -> None:
+        self._unsubscribe()
         if self._ticker is not None:
             self._ticker.cancel()
 
-    @staticmethod
-    def schedule(ref: pykka.ActorRef[Any], clock: Clock, trade: Trade, note: Mapping[str, Any] | None = None) -> None:
-        """Have the market at ``ref`` expire ``trade`` at its ``expires_at`` (at once if past)."""
-        now = clock.now()
-        expire = _Expire(trade, dict(note or {}), max(trade.expires_at, now))
+    def _on_committed(self, events: list[Any]) -> None:
+        # The bus calls this on the writer's thread: only put expiries on the clock.
+        for event in events:
+            if type(event) is OptionOpened:
+                self._schedule(event.trade, {})
+
+    def _schedule(self, trade: Trade, note: Mapping[str, Any]) -> None:
+        now = self.clock.now()
+        expire = _Expire(trade, dict(note), max(trade.expires_at, now))
         if trade.expires_at <= now:
-            _tell(ref, expire)
+            _tell(self.actor_ref, expire)
         else:
-            clock.call_at(trade.expires_at, lambda: _tell(ref, expire))
+            self.clock.call_at(trade.expires_at, lambda: _tell(self.actor_ref, expire))
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _Tick):
@@ -129,24 +151,24 @@ class MarketActor(pykka.ThreadingActor):
             self.bus.publish([PriceTicked(prices, message.ts)])
         elif isinstance(message, _Expire):
             trade = message.trade
-            reply = Reply()
-            self._settlements.append(reply)
-            self.settle(
-                SettleOption(
-                    trade.user_id, trade.trade_id, self.board.prices[trade.symbol], message.at,
-                    message.note,
-                ),
-                reply,
-            )
+            reply = self.submit(SettleOption(
+                trade.user_id, trade.trade_id, self.board.prices[trade.symbol], message.at, message.note,
+            ))
+            with self._lock:
+                self._in_flight.add(reply)
+            reply.add_done_callback(self._answered)
         elif isinstance(message, _Sync):
-            done, self._settlements = self._settlements, []
-            return done
+            with self._lock:
+                return list(self._in_flight)
         return None
 
+    def _answered(self, reply: Reply) -> None:
+        with self._lock:
+            self._in_flight.discard(reply)
 
 
 def sync(ref: pykka.ActorRef[Any], timeout_s: float = 10.0) -> list[Reply]:
-    """Wait until the market has handled everything told so far; its settlement replies."""
+    """Wait until the market has handled everything told so far; its settlements still in flight."""
     return ref.ask(_Sync(), timeout=timeout_s)
 
 

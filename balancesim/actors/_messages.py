@@ -1,14 +1,20 @@
 """Message types: commands (imperative), events (past tense), and replies.
 
-Every record is a small frozen dataclass so it can cross threads without copies.
-Amounts and prices are integer units of 1e-8; times are seconds since the epoch
-as given by the engine's clock.
+These records are the engine's whole interface: commands go in, replies
+(``Confirmed`` with the committed events, or ``Rejected`` with an error) and
+numbered events come out. Every record is a small frozen dataclass (or, on the
+hot path, a named tuple) of plain values, so it can cross threads without copies
+and cross processes through ``balancesim.actors.encode`` / ``decode``. Amounts
+and prices are integer units of 1e-8; times are seconds since the epoch as given
+by the engine's clock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
+
+from balancesim.vocabulary import ASSETS, CONTROL_MODES, SYMBOLS
 
 __all__ = [
     "ASSETS",
@@ -33,11 +39,11 @@ __all__ = [
     "Event",
     "Confirmed",
     "Rejected",
+    "CreateUser",
+    "UserCreated",
+    "COMMAND_TYPES",
+    "EVENT_TYPES",
 ]
-
-ASSETS = ("USDT", "BTC", "ETH")
-SYMBOLS = {"BTCUSDT": "BTC", "ETHUSDT": "ETH"}
-CONTROL_MODES = ("normal", "win", "lose")
 
 
 @dataclass(frozen=True)
@@ -92,13 +98,20 @@ class Adjust(_MoneyCommand):
 
 @dataclass(frozen=True)
 class OpenOption:
+    """Stake ``amount`` on ``symbol`` moving ``direction`` within ``duration`` s.
+
+    ``payout_rate`` and ``entry_price`` are looked up by the engine when it builds
+    the command (``None`` when ``duration`` or ``symbol`` is not one we know, which
+    ``decide`` then refuses).
+    """
+
     user_id: int
     symbol: str
     direction: str
     amount: int
     duration: int
-    payout_rate: int
-    entry_price: int
+    payout_rate: int | None
+    entry_price: int | None
     initiated_by: int | None = None
     # Wall-clock seconds to expiry; shorter than ``duration`` under a time scale.
     expires_in_s: float | None = None
@@ -106,6 +119,8 @@ class OpenOption:
 
 @dataclass(frozen=True)
 class ForceOption:
+    """An admin fixes the outcome of an open trade, applied at its expiry."""
+
     user_id: int
     trade_id: str
     outcome: str
@@ -125,24 +140,42 @@ class SettleOption:
 
 @dataclass(frozen=True)
 class PlaceSpotOrder:
+    """Buy or sell ``quantity`` at ``price`` (``None``: an unknown symbol): two legs at once."""
+
     user_id: int
     symbol: str
     side: str
     quantity: int
-    price: int
+    price: int | None
     initiated_by: int | None = None
 
 
 @dataclass(frozen=True)
 class SetControlMode:
+    """A superadmin sets how the account's next settlements are decided."""
+
     user_id: int
     mode: str
     set_by: int
 
 
+@dataclass(frozen=True)
+class CreateUser:
+    """Open an account. The password arrives hashed: the engine hashes off the IOLoop."""
+
+    username: str
+    role: str
+    password_hash: str
+    created_by: int | None = None
+
+
 Command = (
     Deposit | Withdraw | Adjust | OpenOption | ForceOption | SettleOption
-    | PlaceSpotOrder | SetControlMode
+    | PlaceSpotOrder | SetControlMode | CreateUser
+)
+COMMAND_TYPES: tuple[type, ...] = (
+    Deposit, Withdraw, Adjust, OpenOption, ForceOption, SettleOption, PlaceSpotOrder,
+    SetControlMode, CreateUser,
 )
 
 
@@ -176,21 +209,29 @@ class Posted(NamedTuple):
 
 @dataclass(frozen=True)
 class OptionOpened:
+    """A trade was opened (its stake is the ``Posted`` before it)."""
+
     trade: Trade
 
 
 @dataclass(frozen=True)
 class OptionForced:
+    """An admin fixed the outcome of an open trade."""
+
     trade: Trade
 
 
 @dataclass(frozen=True)
 class OptionSettled:
+    """A trade settled exactly once; ``trade.decided_by`` says by what."""
+
     trade: Trade
 
 
 @dataclass(frozen=True)
 class ControlModeSet:
+    """The account's control mode changed."""
+
     user_id: int
     mode: str
     set_by: int
@@ -205,7 +246,20 @@ class PriceTicked:
     ts: float
 
 
-Event = Posted | OptionOpened | OptionForced | OptionSettled | ControlModeSet
+@dataclass(frozen=True)
+class UserCreated:
+    """An account was opened (with zero balances, at version 0)."""
+
+    user_id: int
+    username: str
+    role: str
+    ts: float
+
+
+Event = Posted | OptionOpened | OptionForced | OptionSettled | ControlModeSet | UserCreated
+EVENT_TYPES: tuple[type, ...] = (
+    Posted, OptionOpened, OptionForced, OptionSettled, ControlModeSet, UserCreated, PriceTicked,
+)
 
 
 @dataclass(frozen=True)
@@ -220,3 +274,11 @@ class Rejected:
     """``decide`` refused the command; ``error`` carries the PROTOCOL.md code."""
 
     error: Exception
+
+    def __eq__(self, other: object) -> bool:
+        # Exceptions compare by identity; two rejections are equal by code and message.
+        return isinstance(other, Rejected) and (type(self.error), str(self.error)) == (
+            type(other.error), str(other.error))
+
+    def __hash__(self) -> int:
+        return hash((type(self.error), str(self.error)))

@@ -28,10 +28,17 @@ class Reply(pykka.Future[Any]):
     Built on a pre-acquired lock rather than pykka's ``Condition``: a reply is made
     for every mutation, and the condition's set-up was a measurable share of one.
     A waiter acquires the latch and releases it at once, so every waiter wakes.
+
+    Args:
+        view: shows the value to whoever reads it. The engine completes a
+            mutation's reply with a ``Confirmed`` record; its facade gives the
+            reply ``result_of`` as the view, so readers get PROTOCOL.md's body
+            while the ledger never builds one. Applied once, on first read.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, view: Callable[[Any], Any] | None = None) -> None:
         super().__init__()
+        self._view = view
         self._lock = threading.Lock()
         self._latch = threading.Lock()
         self._latch.acquire()
@@ -47,6 +54,12 @@ class Reply(pykka.Future[Any]):
             self._latch.release()
         value, exc_info = self._outcome  # type: ignore[misc]
         if exc_info is None:
+            if self._view is not None:
+                with self._lock:  # two readers must not both see the raw value
+                    if self._view is not None:
+                        self._outcome = (self._view(value), None)
+                        self._view = None
+                    value = self._outcome[0]
             return value
         exc_type, exc_value, exc_traceback = exc_info
         if exc_value is None:
@@ -92,9 +105,9 @@ class Reply(pykka.Future[Any]):
                 log.exception("reply callback %r failed", callback)
 
 
-def completed(value: Any) -> Reply:
-    """A reply that is already set to ``value``."""
-    reply = Reply()
+def completed(value: Any, view: Callable[[Any], Any] | None = None) -> Reply:
+    """A reply that is already set to ``value`` (shown through ``view``)."""
+    reply = Reply(view)
     reply.set(value)
     return reply
 

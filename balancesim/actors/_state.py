@@ -1,9 +1,13 @@
 """An account's state and its transitions, as pure functions without threads.
 
-``decide(state, command, now)`` validates a command against the state and says
-what happens (``Confirmed(events)``) or why not (``Rejected(error)``);
-``apply(state, event)`` folds one event into a new state. The account actor is a
-thin wrapper that calls the two and hands the events to the ledger.
+This module is the one place where rules live. ``validate(command)`` judges
+what can be judged without the account (fields in their sets, amounts in
+range, text that is Unicode); ``decide(state, command, now)`` validates and
+then judges the command against the state, and says what happens
+(``Confirmed(events)``) or why not (``Rejected(error)``); ``apply(state,
+event)`` folds one event into a new state. The account actor is a thin wrapper
+that calls the two and hands the events to the ledger. The gateway only parses
+types, and the engine facade only turns decimal strings into units.
 """
 
 from __future__ import annotations
@@ -14,13 +18,11 @@ from typing import Mapping
 
 from balancesim import errors
 from balancesim.actors._messages import (
-    ASSETS,
-    CONTROL_MODES,
-    SYMBOLS,
     Adjust,
     Command,
     Confirmed,
     ControlModeSet,
+    CreateUser,
     Deposit,
     Event,
     ForceOption,
@@ -37,12 +39,39 @@ from balancesim.actors._messages import (
     Withdraw,
 )
 from balancesim.money import MAX_AMOUNT_UNITS, mul_units
+from balancesim.vocabulary import (
+    ASSETS, CONTROL_MODES, DIRECTIONS, DURATIONS, OUTCOMES, ROLES, SIDES, SYMBOLS,
+)
 
-__all__ = ["AccountState", "decide", "apply", "apply_all", "MAX_BALANCE_UNITS", "DURATIONS"]
+__all__ = [
+    "AccountState", "decide", "validate", "check_password", "apply", "apply_all", "is_text", "MAX_BALANCE_UNITS",
+    "DURATIONS", "MAX_DESCRIPTION", "MAX_USERNAME", "MAX_PASSWORD",
+]
 
 # SQLite stores 64-bit integers; stay well below so no sum can overflow.
 MAX_BALANCE_UNITS = 10**18
-DURATIONS = (30, 60)
+MAX_DESCRIPTION = 500
+MAX_USERNAME = 64
+MAX_PASSWORD = 256
+
+
+def is_text(value: object) -> bool:
+    """A string the ledger can store: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which UTF-8 cannot encode, and one such entry would fail its
+    whole group commit."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _one_of(name: str, values: tuple[str, ...] | dict[str, str]) -> str:
+    names = list(values)
+    listed = " or ".join(names) if len(names) == 2 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"{name} must be {listed}"
 
 
 @dataclass(frozen=True)
@@ -87,20 +116,57 @@ class _Entries:
         return self._version + 1
 
 
-def _check_asset(asset: str) -> None:
-    if asset not in ASSETS:
-        raise errors.InvalidRequest(f"asset must be one of {', '.join(ASSETS)}")
-
-
 def _check_amount(amount: int, *, signed: bool = False) -> None:
-    if (amount == 0 if signed else amount <= 0) or abs(amount) > MAX_AMOUNT_UNITS:
+    if type(amount) is not int or (amount == 0 if signed else amount <= 0) or abs(amount) > MAX_AMOUNT_UNITS:
         raise errors.InvalidAmount("amount is outside the allowed range")
 
 
-def _check_symbol(symbol: str) -> str:
-    if symbol not in SYMBOLS:
-        raise errors.InvalidRequest(f"symbol must be one of {', '.join(SYMBOLS)}")
-    return SYMBOLS[symbol]
+def _check_in(name: str, value: object, values: tuple | dict) -> None:
+    if not isinstance(value, str) or value not in values:
+        raise errors.InvalidRequest(_one_of(name, values))
+
+
+def _validate(cmd: Command) -> None:
+    """The rules that need no account state; raises the first broken one."""
+    if isinstance(cmd, (Deposit, Withdraw, Adjust)):
+        if not is_text(cmd.description) or len(cmd.description) > MAX_DESCRIPTION:
+            raise errors.InvalidRequest(f"description must be a string of at most {MAX_DESCRIPTION} characters")
+        if not isinstance(cmd.asset, str) or cmd.asset not in ASSETS:
+            raise errors.InvalidRequest(f"asset must be one of {', '.join(ASSETS)}")
+        _check_amount(cmd.amount, signed=isinstance(cmd, Adjust))
+    elif isinstance(cmd, OpenOption):
+        if type(cmd.duration) is not int or cmd.duration not in DURATIONS or cmd.payout_rate is None:
+            raise errors.InvalidRequest(f"duration must be {' or '.join(map(str, DURATIONS))}")
+        _check_in("symbol", cmd.symbol, SYMBOLS)
+        _check_in("direction", cmd.direction, DIRECTIONS)
+        _check_amount(cmd.amount)
+    elif isinstance(cmd, PlaceSpotOrder):
+        _check_in("symbol", cmd.symbol, SYMBOLS)
+        _check_in("side", cmd.side, SIDES)
+        _check_amount(cmd.quantity)
+    elif isinstance(cmd, ForceOption):
+        _check_in("outcome", cmd.outcome, OUTCOMES)
+    elif isinstance(cmd, SetControlMode):
+        _check_in("mode", cmd.mode, CONTROL_MODES)
+    elif isinstance(cmd, CreateUser):
+        if not is_text(cmd.username) or not 1 <= len(cmd.username) <= MAX_USERNAME or not cmd.username.isprintable():
+            raise errors.InvalidRequest(f"username must be 1 to {MAX_USERNAME} printable characters")
+        _check_in("role", cmd.role, ROLES)
+
+
+def validate(command: Command) -> Rejected | None:
+    """``Rejected`` if ``command`` breaks a rule that needs no account state, else ``None``."""
+    try:
+        _validate(command)
+    except errors.BalancesimError as error:
+        return Rejected(error)
+    return None
+
+
+def check_password(password: object) -> None:
+    """The rule for a new password (judged before it is hashed, so never in a command)."""
+    if not is_text(password) or not 1 <= len(password) <= MAX_PASSWORD:  # type: ignore[arg-type]
+        raise errors.InvalidRequest(f"password must be 1 to {MAX_PASSWORD} characters")
 
 
 def _open_trade(state: AccountState, trade_id: str) -> Trade:
@@ -151,10 +217,7 @@ def _settle(state: AccountState, cmd: SettleOption, now: float, out: _Entries) -
 
 
 def _spot(state: AccountState, cmd: PlaceSpotOrder, out: _Entries) -> None:
-    asset = _check_symbol(cmd.symbol)
-    if cmd.side not in ("buy", "sell"):
-        raise errors.InvalidRequest("side must be buy or sell")
-    _check_amount(cmd.quantity)
+    asset = SYMBOLS[cmd.symbol]
     # The user pays the rounded-up total and receives the rounded-down one, so
     # rounding never creates money.
     total = mul_units(cmd.quantity, cmd.price, round_up=cmd.side == "buy")
@@ -180,12 +243,6 @@ def _spot(state: AccountState, cmd: PlaceSpotOrder, out: _Entries) -> None:
 
 
 def _open_option(state: AccountState, cmd: OpenOption, now: float, out: _Entries) -> None:
-    _check_symbol(cmd.symbol)
-    if cmd.direction not in ("up", "down"):
-        raise errors.InvalidRequest("direction must be up or down")
-    if cmd.duration not in DURATIONS:
-        raise errors.InvalidRequest("duration must be 30 or 60")
-    _check_amount(cmd.amount)
     trade_id = f"T{state.user_id}-{out.next_version}"
     metadata = {
         "trade_id": trade_id,
@@ -214,10 +271,9 @@ def _open_option(state: AccountState, cmd: OpenOption, now: float, out: _Entries
 
 
 def _decide(state: AccountState, cmd: Command, now: float) -> list[Event]:
+    _validate(cmd)
     out = _Entries(state, now, getattr(cmd, "initiated_by", None))
     if isinstance(cmd, (Deposit, Withdraw, Adjust)):
-        _check_asset(cmd.asset)
-        _check_amount(cmd.amount, signed=isinstance(cmd, Adjust))
         kind = {Deposit: "deposit", Withdraw: "withdrawal", Adjust: "adjustment"}[type(cmd)]
         change = -cmd.amount if isinstance(cmd, Withdraw) else cmd.amount
         out.post(cmd.asset, change, kind, cmd.description, {})
@@ -227,8 +283,6 @@ def _decide(state: AccountState, cmd: Command, now: float) -> list[Event]:
         _settle(state, cmd, now, out)
     elif isinstance(cmd, ForceOption):
         trade = _open_trade(state, cmd.trade_id)
-        if cmd.outcome not in ("win", "lose"):
-            raise errors.InvalidRequest("outcome must be win or lose")
         if trade.forced_outcome is not None:
             raise errors.Conflict(f"trade {cmd.trade_id} is already forced")
         out.events.append(
@@ -239,8 +293,6 @@ def _decide(state: AccountState, cmd: Command, now: float) -> list[Event]:
     elif isinstance(cmd, PlaceSpotOrder):
         _spot(state, cmd, out)
     elif isinstance(cmd, SetControlMode):
-        if cmd.mode not in CONTROL_MODES:
-            raise errors.InvalidRequest("mode must be normal, win or lose")
         out.events.append(ControlModeSet(state.user_id, cmd.mode, cmd.set_by, now))
     else:
         raise errors.InvalidRequest(f"unknown command {type(cmd).__name__}")

@@ -22,7 +22,8 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from balancesim import errors
-from balancesim.actors import balance_update, balances_view, iso
+from balancesim.actors import iso
+from balancesim.views import balance_update
 from balancesim.gateway._context import Context
 
 __all__ = ["SessionHandler", "MAX_FRAME_BYTES"]

@@ -1,4 +1,10 @@
-"""Records → the JSON shapes of PROTOCOL.md (decimal strings, ISO timestamps)."""
+"""Records → the JSON shapes of PROTOCOL.md (decimal strings, ISO timestamps).
+
+The edge's business, not the engine's: the engine answers with ``Confirmed``
+events, and the gateway, the scenario worlds and the CLI show them with these.
+``result_of`` is a pure function of the committed events, so an idempotent
+repeat rebuilt from the stored events answers byte for byte what the first did.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from typing import Any, Mapping
 
 from balancesim.actors._clock import iso
 from balancesim.actors._messages import (
-    Adjust, ControlModeSet, Deposit, PlaceSpotOrder, Posted, SetControlMode, Trade, Withdraw,
+    Confirmed, ControlModeSet, OptionForced, OptionOpened, OptionSettled, Posted, Trade, UserCreated,
 )
 from balancesim.money import format_amount
 
@@ -20,8 +26,6 @@ __all__ = [
     "result_of",
 ]
 
-# Commands whose reply is their single entry (the hot path: deposits and the like).
-_ONE_ENTRY = frozenset({Deposit, Withdraw, Adjust})
 _MONEY_KEYS = {"quantity", "price", "total", "entry_price", "exit_price", "payout"}
 
 
@@ -115,27 +119,31 @@ def control_update(event: ControlModeSet) -> dict[str, Any]:
     }
 
 
-def result_of(command: object, events: tuple) -> dict[str, Any]:
-    """The reply to a committed command, as PROTOCOL.md's success bodies have it."""
-    if type(command) in _ONE_ENTRY:
-        return {"transaction": transaction_view(events[0])}
+def result_of(confirmed: Confirmed) -> dict[str, Any]:
+    """The success body of a committed command, from its events alone."""
+    events = confirmed.events
+    first = events[0]
+    if len(events) == 1 and type(first) is Posted:  # a deposit, a withdrawal: the hot path
+        return {"transaction": transaction_view(first)}
+    trades = [event.trade for event in events if isinstance(event, (OptionOpened, OptionForced, OptionSettled))]
+    if trades:
+        return {"trade": trade_view(trades[-1])}
+    if isinstance(first, ControlModeSet):
+        return {"user_id": first.user_id, "mode": first.mode}
+    if isinstance(first, UserCreated):
+        return {"user_id": first.user_id, "username": first.username, "role": first.role}
     posted = [event for event in events if isinstance(event, Posted)]
-    trades = [event.trade for event in events if hasattr(event, "trade")]
-    if isinstance(command, PlaceSpotOrder):
-        meta = posted[0].metadata
+    meta = posted[0].metadata
+    if "order_id" in meta:
         return {
             "order": {
                 "order_id": meta["order_id"],
-                "symbol": command.symbol,
-                "side": command.side,
-                "quantity": format_amount(command.quantity),
-                "price": format_amount(command.price),
+                "symbol": meta["symbol"],
+                "side": meta["side"],
+                "quantity": format_amount(meta["quantity"]),
+                "price": format_amount(meta["price"]),
                 "total": format_amount(meta["total"]),
                 "transactions": [transaction_view(entry) for entry in posted],
             }
         }
-    if trades:
-        return {"trade": trade_view(trades[-1])}
-    if isinstance(command, SetControlMode):
-        return {"user_id": command.user_id, "mode": command.mode}
     return {"transaction": transaction_view(posted[0])}
