@@ -8,8 +8,9 @@ admin and superadmin session, price ticks go to everyone.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Generic, Hashable, TypeVar
 
 from balancesim.actors import (
     ControlModeSet,
@@ -24,7 +25,9 @@ from balancesim.money import format_amount
 from balancesim.views import balance_update, control_update, trade_view
 from balancesim.vocabulary import ADMIN_ROLES as _ADMIN_ROLES
 
-__all__ = ["OWNER", "ADMINS", "EVERYONE", "Delivery", "route", "ADMIN_ROLES"]
+__all__ = ["OWNER", "ADMINS", "EVERYONE", "Delivery", "route", "Audiences", "ADMIN_ROLES"]
+
+S = TypeVar("S", bound=Hashable)
 
 OWNER = "owner"
 ADMINS = "admins"
@@ -62,3 +65,41 @@ def route(event: Any, username_of: Callable[[int], str | None]) -> list[Delivery
         prices = {symbol: format_amount(price) for symbol, price in event.prices.items()}
         return [Delivery(EVERYONE, {"type": "price_tick", "prices": prices, "ts": iso(event.ts)})]
     return []
+
+
+class Audiences(Generic[S]):
+    """The sessions of one place (a gateway's hub, a scenario world), indexed by audience.
+
+    ``of(delivery)`` is the one definition of who receives a delivery: the
+    owner's sessions, every admin's, or everyone's.
+    """
+
+    def __init__(self) -> None:
+        self.owners: dict[int, set[S]] = collections.defaultdict(set)
+        self.admins: set[S] = set()
+        self.everyone: set[S] = set()
+
+    def add(self, session: S, user_id: int, admin: bool) -> None:
+        """A session of ``user_id`` joins; ``admin`` sessions also see the admin audience."""
+        self.owners[user_id].add(session)
+        self.everyone.add(session)
+        if admin:
+            self.admins.add(session)
+
+    def remove(self, session: S, user_id: int) -> None:
+        """A session leaves (a no-op for one that never joined)."""
+        owned = self.owners.get(user_id)
+        if owned is not None:
+            owned.discard(session)
+            if not owned:
+                del self.owners[user_id]
+        self.admins.discard(session)
+        self.everyone.discard(session)
+
+    def of(self, delivery: Delivery) -> Collection[S]:
+        """The sessions that receive ``delivery``."""
+        if delivery.audience == OWNER:
+            return self.owners.get(delivery.user_id, ())  # type: ignore[arg-type]
+        if delivery.audience == ADMINS:
+            return self.admins
+        return self.everyone

@@ -35,11 +35,9 @@ class GatewayCase(AsyncHTTPTestCase):
     def tearDown(self):
         for ws in self.sockets:
             ws.close()
-        self.ctx.hub.stop()
+        self.app.close()
         super().tearDown()
         self.engine.stop()
-        self.ctx.executor.shutdown(wait=True)
-        self.ctx.tokens.close()
         pykka.ActorRegistry.stop_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -127,7 +127,7 @@ class Reconnects(GatewayCase):
     async def test_a_session_closed_with_4008_reconnects_with_since_and_misses_nothing(self):
         def too_slow(session) -> None:
             # The server side of the session, closed as the slow-consumer path closes it.
-            for handler in list(self.ctx.hub._owners[session.user_id]):
+            for handler in list(self.ctx.hub.audiences.owners[session.user_id]):
                 handler.close(4008, "too slow: reconnect with since")
 
         await self.drop_and_resume(too_slow)

@@ -229,9 +229,9 @@ def test_tokens_expire(tmp_path):
     create_schema(connect(str(tmp_path / "t.db")))
     store = TokenStore(str(tmp_path / "t.db"), ttl_s=-1)
     token = store.issue(Principal(1, "alice", "user"))
-    assert store.check(token) is None
+    assert store.check_blocking(token) is None
     fresh = TokenStore(str(tmp_path / "t.db"))
-    assert fresh.check(fresh.issue(Principal(1, "alice", "user"))) == Principal(1, "alice", "user")
+    assert fresh.check_blocking(fresh.issue(Principal(1, "alice", "user"))) == Principal(1, "alice", "user")
 
 
 def test_serve_prints_its_address_answers_healthz_and_exits_0_on_sigterm(tmp_path):

@@ -17,7 +17,7 @@ from balancesim.gateway._fanout import Hub
 from balancesim.gateway._metrics import Metrics
 from balancesim.gateway._sessions import SessionHandler
 
-__all__ = ["make_app", "STATIC_PATH"]
+__all__ = ["make_app", "GatewayApp", "STATIC_PATH"]
 
 STATIC_PATH = os.path.join(os.path.dirname(__file__), "static")
 access_log = logging.getLogger("tornado.access")
@@ -32,6 +32,27 @@ def _log_request(handler: RequestHandler) -> None:
         1000 * handler.request.request_time())
 
 
+class GatewayApp(Application):
+    """The Tornado application, and what it started: ``close()`` undoes ``make_app``.
+
+    ``close()`` closes every session (1001), stops the hub, waits for the
+    executor's blocking reads and closes the token store. The engine is the
+    caller's: it is neither started nor stopped here.
+    """
+
+    @property
+    def ctx(self) -> Context:
+        """The shared context every handler gets."""
+        return self.settings["ctx"]
+
+    def close(self, code: int = 1001) -> None:
+        """Close the sessions with ``code`` and release the gateway's threads and files."""
+        ctx = self.ctx
+        ctx.hub.stop(code)
+        ctx.executor.shutdown(wait=True)
+        ctx.tokens.close()
+
+
 def make_app(
     engine: Engine,
     *,
@@ -42,7 +63,7 @@ def make_app(
     tick_interval_s: float = 0.5,
     executor_threads: int = 4,
     send_buffer_bytes: int | None = 256 * 1024,
-) -> Application:
+) -> GatewayApp:
     """Build the gateway for a started ``engine``; call on the IOLoop that will serve it.
 
     Args:
@@ -57,18 +78,20 @@ def make_app(
             otherwise autotunes to megabytes per session); ``None`` leaves it.
 
     Returns:
-        The application; ``app.settings["ctx"]`` is its shared ``Context``.
+        The application (``app.ctx`` is its shared ``Context``); ``app.close()``
+        releases what it started.
     """
     metrics = Metrics()
-    hub = Hub(engine, metrics, tick_interval_s=tick_interval_s)
+    executor = ThreadPoolExecutor(executor_threads, thread_name_prefix="gateway")
+    hub = Hub(engine, metrics, executor=executor, tick_interval_s=tick_interval_s)
     hub.start()
     ctx = Context(
         engine=engine,
-        tokens=TokenStore(engine.ledger.path, ttl_s=token_ttl_s),
+        tokens=TokenStore(engine.ledger.path, ttl_s=token_ttl_s, executor=executor),
         hub=hub,
         metrics=metrics,
         limiter=LoginLimiter(limit=login_limit),
-        executor=ThreadPoolExecutor(executor_threads, thread_name_prefix="gateway"),
+        executor=executor,
         max_pending_bytes=max_pending_bytes,
         max_body_bytes=max_body_bytes,
         send_buffer_bytes=send_buffer_bytes,
@@ -96,7 +119,7 @@ def make_app(
         (r"/admin/?", h.AdminPageHandler, {"path": STATIC_PATH}),
         (r"/([A-Za-z0-9_.-]+\.(?:html|js|css|svg|ico))", h.StaticHandler, {"path": STATIC_PATH}),
     ]
-    return Application(
+    return GatewayApp(
         routes,
         ctx=ctx,
         default_handler_class=h.NotFoundHandler,

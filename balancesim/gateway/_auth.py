@@ -7,6 +7,7 @@ a server restart and a stolen database does not hand out live tokens.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import secrets
@@ -14,9 +15,15 @@ import threading
 import time
 from dataclasses import dataclass
 
+from concurrent.futures import Executor
+
 from balancesim.actors import connect
+from balancesim.vocabulary import is_admin
 
 __all__ = ["Principal", "TokenStore", "LoginLimiter"]
+
+# Tokens remembered in memory; older ones are read again from the ledger file.
+CACHE_MAX = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -39,23 +46,32 @@ class Principal:
 
     @property
     def is_admin(self) -> bool:
-        return self.role in ("admin", "superadmin")
+        return is_admin(self.role)
 
 
 class TokenStore:
     """Issues and checks login tokens with an expiry.
 
+    Checking a token is a dict look-up for the ``cache_max`` most recently used
+    tokens; any other token is read from the ledger file on ``executor``, never on
+    the IOLoop. The cache is bounded, so logins that churn do not grow it.
+
     Args:
         db_path: the ledger file, which also holds the sessions table.
         ttl_s: how long a token lives.
+        executor: where the ledger file is read.
+        cache_max: how many tokens to keep in memory.
     """
 
-    def __init__(self, db_path: str, *, ttl_s: float = 24 * 3600) -> None:
+    def __init__(self, db_path: str, *, ttl_s: float = 24 * 3600, executor: Executor | None = None,
+                 cache_max: int = CACHE_MAX) -> None:
         self.ttl_s = ttl_s
+        self.executor = executor
+        self.cache_max = cache_max
         self._db = connect(db_path)
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._cache: collections.OrderedDict[str, tuple[Principal, float]] = collections.OrderedDict()
 
     def issue(self, principal: Principal) -> str:
         """A new token for ``principal``."""
@@ -69,26 +85,52 @@ class TokenStore:
                     "INSERT INTO sessions (token_hash, user_id, username, role, expires_at) VALUES (?, ?, ?, ?, ?)",
                     (digest, principal.user_id, principal.username, principal.role, expires_at),
                 )
-            self._cache[digest] = (principal, expires_at)
+            self._remember(digest, (principal, expires_at))
         return token
 
-    def check(self, token: str | None) -> Principal | None:
-        """The principal of a live token, else ``None``."""
+    async def check(self, token: str | None) -> Principal | None:
+        """The principal of a live token, else ``None``; reads the file off the loop on a miss."""
         if not token or len(token) > 256:
             return None
         digest = _digest(token)
         with self._lock:
             hit = self._cache.get(digest)
+            if hit is not None:
+                self._cache.move_to_end(digest)
+        if hit is None:
+            loop = asyncio.get_running_loop()
+            hit = await loop.run_in_executor(self.executor, self._load, digest)
             if hit is None:
-                row = self._db.execute(
-                    "SELECT user_id, username, role, expires_at FROM sessions WHERE token_hash = ?", (digest,)
-                ).fetchone()
-                if row is None:
-                    return None
-                hit = (Principal(row[0], row[1], row[2]), row[3])
-                self._cache[digest] = hit
+                return None
         principal, expires_at = hit
         return principal if expires_at > time.time() else None
+
+    def check_blocking(self, token: str | None) -> Principal | None:
+        """``check`` for a caller that is not on an event loop."""
+        if not token or len(token) > 256:
+            return None
+        hit = self._load(_digest(token))
+        return hit[0] if hit is not None and hit[1] > time.time() else None
+
+    def _load(self, digest: str) -> tuple[Principal, float] | None:
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None:
+                return hit
+            row = self._db.execute(
+                "SELECT user_id, username, role, expires_at FROM sessions WHERE token_hash = ?", (digest,)
+            ).fetchone()
+            if row is None:
+                return None
+            hit = (Principal(row[0], row[1], row[2]), row[3])
+            self._remember(digest, hit)
+            return hit
+
+    def _remember(self, digest: str, hit: tuple[Principal, float]) -> None:
+        # Under the lock. The oldest entries go first; they are still in the file.
+        self._cache[digest] = hit
+        while len(self._cache) > self.cache_max:
+            self._cache.popitem(last=False)
 
     def close(self) -> None:
         self._db.close()

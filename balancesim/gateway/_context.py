@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from balancesim.engine import Engine
@@ -39,7 +38,6 @@ class Context:
     max_body_bytes: int = 64 * 1024
     send_buffer_bytes: int | None = None
     in_flight: int = 0
-    created_users: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
     async def blocking(self, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking engine read off the IOLoop."""

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import threading
 import time
+from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from tornado.ioloop import IOLoop
 
-from balancesim.actors import PriceTicked
+from balancesim.actors import Posted, PriceTicked, UserCreated
 from balancesim.engine import Engine
 from balancesim.gateway._metrics import Metrics
-from balancesim.routing import ADMINS, EVERYONE, OWNER, Delivery, route
+from balancesim.routing import Audiences, Delivery, route
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Hub", "Subscriber"]
 
@@ -40,21 +44,29 @@ class Subscriber(Protocol):
 class Hub:
     """Routes every engine event to the sessions in its audience.
 
+    Usernames for the admin monitor come from ``UserCreated`` events and the
+    sessions themselves; one the hub has never seen (an account made by
+    ``balancesim users create`` on the same file) is read on ``executor``, and
+    the batches behind it wait, so the order of delivery never changes.
+
     Args:
         engine: where events come from and usernames are looked up.
         metrics: counts messages by type.
+        executor: where a missing username is read from the ledger.
         tick_interval_s: the least time between two ``price_tick`` messages.
     """
 
-    def __init__(self, engine: Engine, metrics: Metrics, *, tick_interval_s: float = 0.5) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, *, executor: Executor | None = None,
+                 tick_interval_s: float = 0.5) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.executor = executor
         self.tick_interval_s = tick_interval_s
         self.loop: IOLoop | None = None
-        self._owners: dict[int, set[Subscriber]] = collections.defaultdict(set)
-        self._admins: set[Subscriber] = set()
-        self._everyone: set[Subscriber] = set()
+        self.audiences: Audiences[Subscriber] = Audiences()
         self._inbox: collections.deque[list[Any]] = collections.deque()
+        self._held: collections.deque[list[Any]] = collections.deque()
+        self._resolving = False
         self._lock = threading.Lock()
         self._scheduled = False
         self._usernames: dict[int, str] = {}
@@ -72,23 +84,14 @@ class Hub:
     def stop(self, code: int = 1001) -> None:
         """Unsubscribe and close every session (1001: going away)."""
         self._unsubscribe()
-        for session in list(self._everyone):
+        for session in list(self.audiences.everyone):
             session.close(code, "server shutting down")
 
     def add(self, session: Subscriber) -> None:
-        self._owners[session.user_id].add(session)
-        self._everyone.add(session)
-        if session.is_admin:
-            self._admins.add(session)
+        self.audiences.add(session, session.user_id, session.is_admin)
 
     def remove(self, session: Subscriber) -> None:
-        owners = self._owners.get(session.user_id)
-        if owners is not None:
-            owners.discard(session)
-            if not owners:
-                del self._owners[session.user_id]
-        self._admins.discard(session)
-        self._everyone.discard(session)
+        self.audiences.remove(session, session.user_id)
 
     def remember(self, user_id: int, username: str) -> None:
         """Note an account's name for the admin monitor (a new account, or a session's own)."""
@@ -96,7 +99,7 @@ class Hub:
 
     def counts(self) -> dict[str, int]:
         """Connected sessions: all and admins."""
-        return {"sessions": len(self._everyone), "admins": len(self._admins)}
+        return {"sessions": len(self.audiences.everyone), "admins": len(self.audiences.admins)}
 
     def _on_events(self, batch: list[Any]) -> None:
         # Runs on the publisher's thread: hand over and return.
@@ -110,24 +113,52 @@ class Hub:
 
     def _drain(self) -> None:
         with self._lock:
-            batches = list(self._inbox)
+            self._held.extend(self._inbox)
             self._inbox.clear()
             self._scheduled = False
-        for batch in batches:
-            for event in batch:
-                if isinstance(event, PriceTicked):
-                    self._throttle_tick(event)
-                    continue
-                for delivery in route(event, self._username):
-                    self._deliver(delivery)
+        while self._held and not self._resolving:
+            batch = self._held[0]
+            missing = {event.user_id for event in batch
+                       if type(event) is Posted and event.user_id not in self._usernames}
+            if missing:
+                self._resolve(missing)
+                return
+            self._held.popleft()
+            self._route(batch)
+
+    def _route(self, batch: list[Any]) -> None:
+        for event in batch:
+            kind = type(event)
+            if kind is PriceTicked:
+                self._throttle_tick(event)
+                continue
+            if kind is UserCreated:
+                self._usernames[event.user_id] = event.username
+            for delivery in route(event, self._usernames.get):
+                self._deliver(delivery)
+
+    def _resolve(self, user_ids: set[int]) -> None:
+        """Read the names the hub lacks off the loop; the held batches wait for them."""
+        assert self.loop is not None
+        self._resolving = True
+
+        def read() -> dict[int, str]:
+            return {uid: (user or {}).get("username") for uid in user_ids
+                    for user in [self.engine.user(uid)]}
+
+        def done(future: Any) -> None:
+            self._resolving = False
+            try:
+                self._usernames.update(future.result())
+            except Exception:  # noqa: BLE001 - deliver without the name rather than never
+                log.exception("could not read usernames %s", sorted(user_ids))
+                self._usernames.update(dict.fromkeys(user_ids))
+            self._drain()
+
+        self.loop.add_future(self.loop.run_in_executor(self.executor, read), done)
 
     def _deliver(self, delivery: Delivery) -> None:
-        if delivery.audience == OWNER:
-            targets: Any = self._owners.get(delivery.user_id, ())
-        elif delivery.audience == ADMINS:
-            targets = self._admins
-        else:
-            targets = self._everyone
+        targets = self.audiences.of(delivery)
         if not targets:
             return
         data = json.dumps(delivery.message).encode()
@@ -152,13 +183,5 @@ class Hub:
         if tick is None:
             return
         self._tick_sent_at = time.monotonic()
-        for delivery in route(tick, self._username):
+        for delivery in route(tick, self._usernames.get):
             self._deliver(delivery)
-
-    def _username(self, user_id: int) -> str | None:
-        name = self._usernames.get(user_id)
-        if name is None:
-            user = self.engine.user(user_id)
-            if user is not None:
-                name = self._usernames[user_id] = user["username"]
-        return name

@@ -17,7 +17,7 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 
 from balancesim import errors
 from balancesim.actors import as_asyncio
-from balancesim.auth import MAY, ROLES
+from balancesim.vocabulary import ADMIN_ROLES, MAY, ROLES
 from balancesim.gateway._auth import Principal
 from balancesim.gateway._context import Context
 
@@ -102,11 +102,11 @@ class ApiHandler(JsonErrors):
 
     # -- who -----------------------------------------------------------------------
 
-    def who(self, roles: tuple[str, ...] = ROLES) -> Principal:
+    async def who(self, roles: tuple[str, ...] = ROLES) -> Principal:
         """The caller, if its token is live and its role is one of ``roles``."""
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        principal = self.ctx.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+        principal = await self.ctx.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
         if principal is None:
             raise errors.Unauthorized("a valid Bearer token is required")
         if principal.role not in roles:
@@ -169,11 +169,11 @@ class ApiHandler(JsonErrors):
         self.ctx.metrics.mutations.labels(kind).inc()
         return status, result
 
-    def target(self, raw_id: str | None) -> int:
+    async def target(self, raw_id: str | None) -> int:
         """The account a read is about: the caller's own, or (admins only) one in the path."""
         if raw_id is None:
-            return self.who().user_id
-        self.who(MAY["read_all"])
+            return (await self.who()).user_id
+        await self.who(MAY["read_all"])
         return self.path_id(raw_id)
 
 
@@ -197,42 +197,32 @@ class LoginHandler(ApiHandler):
 class UsersHandler(ApiHandler):
     @api
     async def get(self) -> Result:
-        self.who(MAY["read_all"])
+        await self.who(MAY["read_all"])
         return 200, {"users": await self.ctx.blocking(self.ctx.engine.users)}
 
     @api
     async def post(self) -> Result:
-        me = self.who(MAY["create_user"])
+        me = await self.who(MAY["create_user"])
         body = self.body()
         username, password = self.field(body, "username", str), self.field(body, "password", str)
         role = self.field(body, "role", str, default="user")
-        if role not in ROLES:
-            raise errors.InvalidRequest("role must be user, admin or superadmin")
-        if role != "user" and me.role != "superadmin":
+        if role in ADMIN_ROLES and me.role not in MAY["create_admin"]:
             raise errors.Forbidden("only a superadmin creates admins")
-        key = self.idempotency_key()
-        remembered = self.ctx.created_users.get((me.user_id, key)) if key else None
-        if remembered is not None:
-            return remembered
-        status, user = await self.commit(self.ctx.engine.create_user(username, password, role), 201, "user")
-        self.ctx.hub.remember(user["user_id"], username)
-        if key:
-            self.ctx.created_users[(me.user_id, key)] = (status, user)
-            while len(self.ctx.created_users) > 10_000:
-                self.ctx.created_users.popitem(last=False)
-        return status, user
+        reply = self.ctx.engine.create_user(username, password, role, created_by=me.user_id,
+                                            idempotency_key=self.idempotency_key())
+        return await self.commit(reply, 201, "user")
 
 
 class BalanceHandler(ApiHandler):
     @api
     async def get(self, raw_id: str | None = None) -> Result:
-        return 200, await self.ctx.blocking(self.ctx.engine.balance, self.target(raw_id))
+        return 200, await self.ctx.blocking(self.ctx.engine.balance, await self.target(raw_id))
 
 
 class TransactionsHandler(ApiHandler):
     @api
     async def get(self, raw_id: str | None = None) -> Result:
-        user_id = self.target(raw_id)
+        user_id = await self.target(raw_id)
         after = self.query_int("after_version", 0, 0, 10**18)
         limit = self.query_int("limit", 100, 1, 1000)
         await self.ctx.blocking(self.ctx.engine.balance, user_id)  # unknown_user, not an empty list
@@ -245,7 +235,7 @@ class MoneyHandler(ApiHandler):
     @api
     async def post(self) -> Result:
         op = self.options["op"]
-        me = self.who(MAY[op])
+        me = await self.who(MAY[op])
         body = self.body()
         user_id = self.field(body, "user_id", int)
         amount = self.field(body, "amount", str, money=True)
@@ -260,7 +250,7 @@ class MoneyHandler(ApiHandler):
 class ControlHandler(ApiHandler):
     @api
     async def put(self, raw_id: str) -> Result:
-        me = self.who(MAY["control"])
+        me = await self.who(MAY["control"])
         mode = self.field(self.body(), "mode", str)
         reply = self.ctx.engine.set_control_mode(self.path_id(raw_id), mode, me.user_id,
                                                  idempotency_key=self.idempotency_key())
@@ -270,21 +260,17 @@ class ControlHandler(ApiHandler):
 class ForceHandler(ApiHandler):
     @api
     async def post(self, trade_id: str) -> Result:
-        me = self.who(MAY["force"])
+        me = await self.who(MAY["force"])
         outcome = self.field(self.body(), "outcome", str)
-        if outcome not in ("win", "lose"):
-            raise errors.InvalidRequest("outcome must be win or lose")
-        reply = await self.ctx.blocking(
-            functools.partial(self.ctx.engine.force_option, trade_id, outcome, me.user_id,
-                              idempotency_key=self.idempotency_key())
-        )
+        reply = self.ctx.engine.force_option(trade_id, outcome, me.user_id,
+                                             idempotency_key=self.idempotency_key())
         return await self.commit(reply, 200, "force")
 
 
 class OptionsHandler(ApiHandler):
     @api
     async def get(self) -> Result:
-        me = self.who()
+        me = await self.who()
         status = self.get_query_argument("status", None)
         if status not in (None, "open", "settled"):
             raise errors.InvalidRequest("status must be open or settled")
@@ -292,7 +278,7 @@ class OptionsHandler(ApiHandler):
 
     @api
     async def post(self) -> Result:
-        me = self.who(MAY["option"])
+        me = await self.who(MAY["option"])
         body = self.body()
         reply = self.ctx.engine.open_option(
             me.user_id, self.field(body, "symbol", str), self.field(body, "direction", str),
@@ -305,7 +291,7 @@ class OptionsHandler(ApiHandler):
 class SpotHandler(ApiHandler):
     @api
     async def post(self) -> Result:
-        me = self.who(MAY["spot"])
+        me = await self.who(MAY["spot"])
         body = self.body()
         reply = self.ctx.engine.spot_order(
             me.user_id, self.field(body, "symbol", str), self.field(body, "side", str),
@@ -317,7 +303,7 @@ class SpotHandler(ApiHandler):
 class MarketHandler(ApiHandler):
     @api
     async def get(self) -> Result:
-        self.who()
+        await self.who()
         return 200, self.ctx.engine.market()
 
 

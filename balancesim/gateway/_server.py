@@ -99,9 +99,8 @@ async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
     while ctx.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await server.close_all_connections()
+    app.close()
     await loop.run_in_executor(None, engine.stop)
-    ctx.executor.shutdown(wait=True)
-    ctx.tokens.close()
     echo("stopped")
 
 

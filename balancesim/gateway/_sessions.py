@@ -62,7 +62,7 @@ class SessionHandler(WebSocketHandler):
         return True
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        self.principal = self.ctx.tokens.check(self.get_query_argument("token", None))
+        self.principal = await self.ctx.tokens.check(self.get_query_argument("token", None))
         if self.principal is None:
             return self._refuse(errors.Unauthorized("a valid token is required"))
         since = self.get_query_argument("since", None)

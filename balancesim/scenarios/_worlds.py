@@ -24,7 +24,8 @@ from balancesim.auth import MAY
 from balancesim.client import ApiError, Client, Session, Stream, configure_http
 from balancesim.engine import Engine
 from balancesim.reports import verify
-from balancesim.routing import ADMIN_ROLES, ADMINS, EVERYONE, OWNER, route
+from balancesim.routing import Audiences, route
+from balancesim.vocabulary import is_admin
 from balancesim.scenarios._model import Participant
 
 __all__ = ["OpFailed", "InProcessWorld", "RemoteWorld", "ledger_digest"]
@@ -70,9 +71,8 @@ class InProcessWorld:
         self.streams: dict[str, Stream] = {}
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._usernames: dict[int, str] = {}
-        # Audiences indexed once: a virtual day routes ~100k deliveries.
-        self._owned: dict[int, list[Stream]] = collections.defaultdict(list)
-        self._admins: list[Stream] = []
+        # Audiences indexed once, by the gateway's own rules: a virtual day routes ~100k deliveries.
+        self._audiences: Audiences[Stream] = Audiences()
         self.engine.subscribe(self._pending.append)
 
     async def setup(self, participants: dict[str, Participant]) -> None:
@@ -89,9 +89,7 @@ class InProcessWorld:
         self._pending.clear()
         for p in participants.values():
             stream = self.streams[p.name] = Stream(self.ids[p.name], p.role)
-            self._owned[stream.user_id].append(stream)
-            if p.role in ADMIN_ROLES:
-                self._admins.append(stream)
+            self._audiences.add(stream, stream.user_id, is_admin(p.role))
             balance = self.engine.balance(self.ids[p.name])
             stream.record({"type": "user_balance_init", **balance, "ts": ""})
 
@@ -129,16 +127,8 @@ class InProcessWorld:
         while self._pending:
             for event in self._pending.popleft():
                 for delivery in route(event, self._usernames.get):
-                    for stream in self._audience(delivery):
+                    for stream in self._audiences.of(delivery):
                         stream.record(delivery.message)
-
-    def _audience(self, delivery: Any) -> Iterable[Stream]:
-        if delivery.audience == OWNER:
-            return self._owned.get(delivery.user_id, ())
-        if delivery.audience == ADMINS:
-            return self._admins
-        assert delivery.audience == EVERYONE
-        return self.streams.values()
 
     async def advance(self, seconds: float) -> None:
         self.engine.advance(seconds)
