@@ -199,13 +199,13 @@ function transactionsView() {
   const newest = () => Math.max(0, Math.floor((state.version - 1) / TX_PAGE) * TX_PAGE);
   const shown = () => after ?? newest();
   const go = (value) => { after = value >= newest() ? null : Math.max(0, value); load(); };
-  const columns = ["version", "type", "asset", "amount", "balance after", "description", "time (UTC)"];
+  const columns = ["version", "type", "amount", "balance after", "description", "time (UTC)"];
   async function load() {
     const from = shown();
     const { transactions } = await api("GET", `/api/transactions?after_version=${from}&limit=${TX_PAGE}`);
     if (from !== shown()) return;  // the page moved on meanwhile
     body.replaceChildren(...transactions.map((t) => el("tr", { "data-version": t.version },
-      ...[t.version, t.type, t.asset, t.amount, t.balance_after, t.description, t.ts.slice(11, 19)]
+      ...[t.version, t.type, `${t.amount} ${t.asset}`, t.balance_after, t.description, t.ts.slice(11, 19)]
         .map((value, i) => el("td", { "data-label": columns[i] }, String(value))))));
     range.textContent = transactions.length
       ? `versions ${transactions[0].version}–${transactions.at(-1).version} of ${state.version}` : "no transactions yet";
@@ -213,7 +213,8 @@ function transactionsView() {
     next.disabled = after === null;
   }
   const section = el("section", {}, el("h2", {}, "Transactions"),
-    el("table", { class: "cards tx" }, el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", {}, c)))), body),
+    el("div", { class: "scroll" },
+      el("table", { class: "cards tx" }, el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", {}, c)))), body)),
     el("div", { class: "pager" }, previous, range, next));
   return {
     section,
@@ -249,14 +250,14 @@ function panels(who) {
   const stake = field("option-amount", { value: "10", size: 8 });
   const quantity = field("spot-quantity", { value: "0.001", size: 8 });
   out.push(el("section", {}, el("h2", {}, "Trade on my account"),
-    el("label", {}, "Symbol ", symbol), el("label", {}, "Stake ", stake),
-    ...[30, 60].flatMap((duration) => ["up", "down"].map((direction) =>
+    el("div", { class: "row" }, el("label", {}, "Symbol ", symbol), el("label", {}, "Stake ", stake)),
+    el("div", { class: "buttons" }, ...[30, 60].flatMap((duration) => ["up", "down"].map((direction) =>
       el("button", { "data-testid": `option-${duration}-${direction}`, onclick: () =>
         act(api("POST", "/api/options", { symbol: symbol.value, direction, amount: stake.value, duration })) },
-      `${duration} s ${direction}`))),
-    el("br"), el("label", {}, "Quantity ", quantity),
-    ...["buy", "sell"].map((side) => el("button", { "data-testid": `spot-${side}`, onclick: () =>
-      act(api("POST", "/api/spot/orders", { symbol: symbol.value, side, quantity: quantity.value })) }, `spot ${side}`)),
+      `${duration} s ${direction}`)))),
+    el("div", { class: "row" }, el("label", {}, "Quantity ", quantity),
+      el("span", { class: "buttons" }, ...["buy", "sell"].map((side) => el("button", { "data-testid": `spot-${side}`, onclick: () =>
+        act(api("POST", "/api/spot/orders", { symbol: symbol.value, side, quantity: quantity.value })) }, `spot ${side}`)))),
     lastError));
   if (who.role === "superadmin") {
     const target = el("select", { "data-testid": "target-user" });
