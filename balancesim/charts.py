@@ -20,6 +20,17 @@ NINES = [(0, "0%"), (1, "90%"), (2, "99%"), (3, "99.9%"), (4, "99.99%"), (5, "99
 MAX_NINES = 5
 
 Line = tuple[str, str, Sequence[tuple[float, float]], bool]  # label, colour, points, dashed
+# Inline, so the file stays the whole page; on a narrow screen the charts scale down
+# (each SVG has a viewBox), the table scrolls inside its own box and long lines wrap.
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:860px;margin:1em auto;padding:0 .8em;color:#111}"
+    "h1{font-size:1.4em}h2{font-size:1.1em}p,li{overflow-wrap:anywhere}"
+    "svg{max-width:100%;height:auto}"
+    ".table{overflow-x:auto}table{border-collapse:collapse}td,th{padding:0 .6em;text-align:right}"
+    "td:first-child{text-align:left}"
+    "pre{font-size:12px;white-space:pre-wrap;overflow-wrap:anywhere}"
+    "@media (max-width:600px){h1{font-size:1.15em}td,th{padding:0 .3em}}"
+)
 
 
 def render_chart(report: dict[str, Any]) -> str:
@@ -41,9 +52,11 @@ def render_chart(report: dict[str, Any]) -> str:
     title = (f"balancesim load: {report['users']} users, {report['duration_s']} s — "
              f"{'in sync' if verdict['ok'] else 'OUT OF SYNC'}")
     return (
-        f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<body style='font-family:system-ui,sans-serif;max-width:860px;margin:1em auto;color:#111'>"
-        f"<h1 style='font-size:1.4em'>{html.escape(title)}</h1>"
+        "<!doctype html><html lang='en'><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        "<body>"
+        f"<h1>{html.escape(title)}</h1>"
         f"<p>{report['ok_ops']} operations ({report['throughput_ops_per_s']}/s), {report['errors']} refused; "
         f"setup {report['setup_s']} s; {verdict['messages']} messages to {verdict['sessions']} sessions, "
         f"{verdict['reconnects']} reconnects; {html.escape(verdict.get('ledger', ''))}</p>"
@@ -52,7 +65,7 @@ def render_chart(report: dict[str, Any]) -> str:
         + _chart("Latency over time (ms; solid p50, dashed p99)", over_time, "seconds", None)
         + _chart("Throughput over time", throughput, "seconds", None)
         + _chart("Latency distribution (ms by percentile)", distribution, "percentile", NINES)
-        + "<h2>Report</h2><pre style='font-size:12px'>"
+        + "<h2>Report</h2><pre>"
         + html.escape(json.dumps({k: v for k, v in report.items() if k not in ("series", "distribution")}, indent=2))
         + "</pre></body></html>"
     )
@@ -71,14 +84,12 @@ def _problems(verdict: dict[str, Any]) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     keys = ("count", "p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms")
-    head = "".join(f"<th style='text-align:right;padding:0 .6em'>{k.removesuffix('_ms')}</th>" for k in keys)
+    head = "".join(f"<th>{k.removesuffix('_ms')}</th>" for k in keys)
     rows = "".join(
-        f"<tr><td>{label}</td>" + "".join(
-            f"<td style='text-align:right;padding:0 .6em'>{report[name].get(k, '–')}</td>" for k in keys
-        ) + "</tr>"
+        f"<tr><td>{label}</td>" + "".join(f"<td>{report[name].get(k, '–')}</td>" for k in keys) + "</tr>"
         for name, label in (("http_latency", "HTTP (ms)"), ("delivery_latency", "mutation → delivery (ms)"))
     )
-    return f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{rows}</table>"
+    return f"<div class='table'><table><tr><th></th>{head}</tr>{rows}</table></div>"
 
 
 def _chart(title: str, lines: list[Line], x_label: str, x_ticks: list[tuple[float, str]] | None) -> str:
@@ -92,7 +103,8 @@ def _chart(title: str, lines: list[Line], x_label: str, x_ticks: list[tuple[floa
     def px(x: float, y: float) -> str:
         return f"{LEFT + x / x_max * plot_w:.1f},{TOP + plot_h - y / y_max * plot_h:.1f}"
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{HEIGHT}' role='img' "
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{HEIGHT}' "
+             f"viewBox='0 0 {WIDTH} {HEIGHT}' role='img' "
              f"aria-label='{html.escape(title)}' font-size='11'>"]
     for y in _ticks(y_max):
         at = TOP + plot_h - y / y_max * plot_h
@@ -112,7 +124,7 @@ def _chart(title: str, lines: list[Line], x_label: str, x_ticks: list[tuple[floa
         parts.append(f"<line x1='{legend_x}' x2='{legend_x + 18}' y1='12' y2='12' stroke='{color}' stroke-width='2'{dash}/>"
                      f"<text x='{legend_x + 22}' y='16'>{html.escape(label)}</text>")
     parts.append("</svg>")
-    return f"<h2 style='font-size:1.1em'>{html.escape(title)}</h2>" + "".join(parts)
+    return f"<h2>{html.escape(title)}</h2>" + "".join(parts)
 
 
 def _step(top: float) -> float:

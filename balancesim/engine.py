@@ -292,9 +292,10 @@ class Engine:
         """Committed entries above ``after_version`` as records (for replaying them as messages)."""
         return self.ledger.history(user_id, after_version, limit)
 
-    def trades(self, user_id: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        """Trades of one account (or all), ``open`` or ``settled`` or both."""
-        return [trade_view(trade) for trade in self.ledger.trades(user_id, status)]
+    def trades(self, user_id: int | None = None, status: str | None = None, *,
+               newest_first: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+        """Trades of one account (or all), ``open`` or ``settled`` or both; oldest first unless ``newest_first``."""
+        return [trade_view(trade) for trade in self.ledger.trades(user_id, status, newest_first=newest_first, limit=limit)]
 
     def market(self) -> dict[str, Any]:
         """``{prices, ts}`` as of the last tick (in memory: does not block)."""

@@ -39,6 +39,7 @@ class RoutesAndRoles(GatewayCase):
             ("PUT", f"/api/admin/controls/{a}", {"mode": "normal"}, {"user": 403, "admin": 403, "superadmin": 200}),
             ("GET", "/api/options", None, {"user": 200, "admin": 200, "superadmin": 200}),
             ("GET", "/api/market", None, {"user": 200, "admin": 200, "superadmin": 200}),
+            ("GET", "/api/admin/trades", None, {"user": 403, "admin": 200, "superadmin": 200}),
         ]
         tokens = {"user": self.alice["token"], "admin": self.admin["token"], "superadmin": self.boss["token"]}
         for method, path, body, expected in table:
@@ -82,6 +83,54 @@ class RoutesAndRoles(GatewayCase):
         assert status == 201 and len(order["order"]["transactions"]) == 2
         status, control = await self.call("PUT", f"/api/admin/controls/{self.bob['user_id']}", {"mode": "lose"}, self.boss["token"])
         assert (status, control) == (200, {"user_id": self.bob["user_id"], "mode": "lose"})
+
+    @gen_test
+    async def test_admin_trades_lists_every_account_newest_first_for_admins_only(self):
+        await self.people()
+        opened = []
+        for who, duration in ((self.alice, 30), (self.bob, 60), (self.alice, 60)):
+            self.engine.advance(1)  # distinct opening times: "newest first" is then one order
+            _, body = await self.call("POST", "/api/options", {"symbol": "BTCUSDT", "direction": "up", "amount": "1",
+                                                               "duration": duration}, who["token"])
+            opened.append(body["trade"]["trade_id"])
+        self.engine.advance(30)  # the first of alice's settles
+        for token in (self.admin["token"], self.boss["token"]):
+            status, every = await self.call("GET", "/api/admin/trades", token=token)
+            assert status == 200 and [t["trade_id"] for t in every["trades"]] == opened[::-1]
+        _, open_ = await self.call("GET", "/api/admin/trades?status=open", token=self.admin["token"])
+        assert [t["trade_id"] for t in open_["trades"]] == [opened[2], opened[1]]
+        _, settled = await self.call("GET", "/api/admin/trades?status=settled", token=self.admin["token"])
+        assert [t["trade_id"] for t in settled["trades"]] == [opened[0]]
+        assert settled["trades"][0]["status"] in ("won", "lost", "draw") and settled["trades"][0]["decided_by"] == "market"
+        _, alices = await self.call("GET", f"/api/admin/trades?user_id={self.alice['user_id']}&limit=1", token=self.admin["token"])
+        assert [t["trade_id"] for t in alices["trades"]] == [opened[2]]
+        assert set(alices["trades"][0]) >= {"trade_id", "user_id", "symbol", "direction", "amount", "duration", "payout_rate",
+                                            "entry_price", "exit_price", "status", "decided_by", "opened_at", "expires_at",
+                                            "settled_at", "payout"}
+        _, bobs = await self.call("GET", f"/api/admin/trades?status=open&user_id={self.bob['user_id']}&limit=", token=self.admin["token"])
+        assert [t["trade_id"] for t in bobs["trades"]] == [opened[1]]
+        _, none = await self.call("GET", f"/api/admin/trades?user_id={self.boss['user_id']}", token=self.admin["token"])
+        assert none == {"trades": []}
+
+    @gen_test
+    async def test_admin_trades_refuses_users_bad_parameters_and_unknown_accounts(self):
+        await self.people()
+        admin = self.admin["token"]
+        cases = [
+            ("/api/admin/trades", self.alice["token"], 403, "forbidden"),
+            ("/api/admin/trades", None, 401, "unauthorized"),
+            ("/api/admin/trades?status=maybe", admin, 400, "invalid_request"),
+            ("/api/admin/trades?limit=0", admin, 400, "invalid_request"),
+            ("/api/admin/trades?limit=1001", admin, 400, "invalid_request"),
+            ("/api/admin/trades?limit=ten", admin, 400, "invalid_request"),
+            ("/api/admin/trades?user_id=-1", admin, 400, "invalid_request"),
+            ("/api/admin/trades?user_id=999", admin, 404, "unknown_user"),
+        ]
+        for path, token, status, code in cases:
+            got, answer = await self.call("GET", path, token=token)
+            assert (got, answer["error"]["code"]) == (status, code), (path, answer)
+            assert answer["error"]["message"]
+        assert (await self.call("GET", "/api/admin/trades?limit=1000", token=admin))[0] == 200
 
     @gen_test
     async def test_admins_create_users_but_only_a_superadmin_creates_admins(self):

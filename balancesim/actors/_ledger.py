@@ -511,8 +511,12 @@ class Ledger:
             ).fetchall()
         return [posted_from_row(row) for row in rows]
 
-    def trades(self, user_id: int | None = None, status: str | None = None) -> list[Trade]:
-        """Trades, by owner and by ``open`` / ``settled`` (settled: won, lost, draw)."""
+    def trades(self, user_id: int | None = None, status: str | None = None, *,
+               newest_first: bool = False, limit: int | None = None) -> list[Trade]:
+        """Trades, by owner and by ``open`` / ``settled`` (settled: won, lost, draw).
+
+        Oldest opened first, or ``newest_first``; at most ``limit`` of them.
+        """
         clauses, params = [], []
         if user_id is not None:
             clauses.append("user_id = ?")
@@ -523,9 +527,11 @@ class Ledger:
             clauses.append("status != 'open'")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self.reading() as db:
-            rows = db.execute(
-                f"SELECT {_TRADE_COLUMNS} FROM trades {where} ORDER BY opened_at, trade_id", params
-            ).fetchall()
+            order = "opened_at DESC, trade_id DESC" if newest_first else "opened_at, trade_id"
+            if limit is not None:
+                order += " LIMIT ?"
+                params.append(limit)
+            rows = db.execute(f"SELECT {_TRADE_COLUMNS} FROM trades {where} ORDER BY {order}", params).fetchall()
         return [trade_from_row(row) for row in rows]
 
     def trade(self, trade_id: str) -> Trade | None:

@@ -109,6 +109,7 @@ def make_app(
         (r"/api/admin/adjustments", h.MoneyHandler, {**api, "op": "adjust"}),
         (r"/api/admin/controls/([0-9]+)", h.ControlHandler, api),
         (r"/api/admin/trades/([^/]+)/force", h.ForceHandler, api),
+        (r"/api/admin/trades", h.AdminTradesHandler, api),
         (r"/api/options", h.OptionsHandler, api),
         (r"/api/spot/orders", h.SpotHandler, api),
         (r"/api/market", h.MarketHandler, api),

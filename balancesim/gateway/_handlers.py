@@ -22,7 +22,7 @@ from balancesim.gateway._auth import Principal
 from balancesim.gateway._context import Context
 
 __all__ = [
-    "AdminPageHandler", "RootHandler", "StaticHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
+    "AdminPageHandler", "AdminTradesHandler", "RootHandler", "StaticHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
     "LoginHandler", "MarketHandler", "MetricsHandler", "MoneyHandler", "NotFoundHandler",
     "OptionsHandler", "SpotHandler", "TransactionsHandler", "UsersHandler",
 ]
@@ -286,6 +286,31 @@ class OptionsHandler(ApiHandler):
             idempotency_key=self.idempotency_key(),
         )
         return await self.commit(reply, 201, "option")
+
+
+class AdminTradesHandler(ApiHandler):
+    """Trades across accounts (or one), newest opened first, for the dashboard.
+
+    An empty parameter counts as absent; an unknown ``user_id`` is ``404 unknown_user``,
+    as on every other route that names an account.
+    """
+
+    @api
+    async def get(self) -> Result:
+        self.who(MAY["read_all"])
+        status = self.get_query_argument("status", None) or None
+        if status not in (None, "open", "settled"):
+            raise errors.InvalidRequest("status must be open or settled")
+        limit = self.query_int("limit", 100, 1, 1000)
+        raw_id = self.get_query_argument("user_id", None) or None
+        user_id = None
+        if raw_id is not None:
+            if not raw_id.isdigit() or len(raw_id) > MAX_ID_DIGITS:
+                raise errors.InvalidRequest("user_id must be an account id")
+            user_id = int(raw_id)
+            await self.ctx.blocking(self.ctx.engine.balance, user_id)  # unknown_user, not an empty list
+        read = functools.partial(self.ctx.engine.trades, user_id, status, newest_first=True, limit=limit)
+        return 200, {"trades": await self.ctx.blocking(read)}
 
 
 class SpotHandler(ApiHandler):

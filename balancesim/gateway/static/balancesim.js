@@ -2,6 +2,8 @@
 // WebSocket that reconnects with `since` so no update is lost or shown twice.
 
 const TOKEN_KEY = "balancesim.login";
+const NOTICE_KEY = "balancesim.notice";  // shown once on the login form after a reload
+export const EXPIRED = "Your session has expired; please log in again.";
 
 export function saved() {
   const raw = sessionStorage.getItem(TOKEN_KEY);  // per tab: each tab may be another user
@@ -10,6 +12,19 @@ export function saved() {
 
 export function forget() {
   sessionStorage.removeItem(TOKEN_KEY);
+}
+
+/**
+ * The stored token was refused (HTTP 401 or WebSocket close 4001): drop it and
+ * reload, so that the page starts afresh on the login form with EXPIRED.
+ */
+let expiring = false;
+export function expire() {
+  if (expiring) return;
+  expiring = true;
+  forget();
+  sessionStorage.setItem(NOTICE_KEY, EXPIRED);
+  location.reload();
 }
 
 export async function login(username, password) {
@@ -34,6 +49,7 @@ export async function api(method, path, body, token = saved()?.token) {
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const answer = await response.json().catch(() => ({}));
   if (!response.ok) {
+    if (response.status === 401 && token && token === saved()?.token) expire();
     const error = answer.error || { code: "http_error", message: response.statusText };
     throw new ApiError(response.status, error.code, error.message);
   }
@@ -45,6 +61,26 @@ export function units(text) {
   const [whole, frac = ""] = String(text).replace("-", "").split(".");
   const value = BigInt(whole) * 100000000n + BigInt((frac + "00000000").slice(0, 8));
   return String(text).startsWith("-") ? -value : value;
+}
+
+// 1e-8 units (BigInt) back to a plain decimal string, signed: 150000000n → "1.5".
+export function decimal(value) {
+  const sign = value < 0n ? "-" : "";
+  const abs = value < 0n ? -value : value;
+  const frac = String(abs % 100000000n).padStart(8, "0").replace(/0+$/, "");
+  return `${sign}${abs / 100000000n}${frac ? `.${frac}` : ""}`;
+}
+
+// PROTOCOL.md's decided_by in plain words.
+export function decidedBy(value) {
+  if (value === "market") return "decided by the market";
+  if (value?.startsWith("control_mode:")) return `decided by control mode: ${value.slice("control_mode:".length)}`;
+  if (value?.startsWith("admin_force:")) return `decided by admin force (admin #${value.slice("admin_force:".length)})`;
+  return value ? `decided by ${value}` : "";
+}
+
+export function secondsLeft(trade) {
+  return Math.max(0, (Date.parse(trade.expires_at) - Date.now()) / 1000);
 }
 
 /**
@@ -66,8 +102,9 @@ export class LiveSession {
     const since = this.version === null ? "" : `&since=${this.version}`;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = (this.socket = new WebSocket(`${scheme}://${location.host}/ws?token=${encodeURIComponent(this.token)}${since}`));
+    socket.onopen = () => { socket.opened = true; };
     socket.onmessage = (event) => this.receive(JSON.parse(event.data));
-    socket.onclose = (event) => this.closed(event.code);
+    socket.onclose = (event) => this.closed(event.code, socket.opened);
   }
 
   receive(message) {
@@ -89,12 +126,15 @@ export class LiveSession {
     this.onMessage(message);
   }
 
-  closed(code) {
+  closed(code, opened) {
     if (this.stopped) return;
     if (code === 4001) {
       this.onUnauthorized();
       return;
     }
+    // A refused handshake (a 401 for a stale token) reaches a browser only as 1006:
+    // ask the API at once whether the token still stands.
+    if (!opened) this.probe();
     this.failures += 1;
     this.onState(this.failures > 2 ? "offline" : "reconnecting");
     this.startPolling();
@@ -105,14 +145,16 @@ export class LiveSession {
   // While the socket is down, show the committed balance from the API.
   startPolling() {
     if (this.poller) return;
-    this.poller = setInterval(async () => {
-      try {
-        const balance = await api("GET", "/api/balance", undefined, this.token);
-        this.onBalance(balance.balances, balance.version, balance.control_mode, true);
-      } catch (error) {
-        if (error.status === 401) this.onUnauthorized();
-      }
-    }, 1000);
+    this.poller = setInterval(() => this.probe(), 1000);
+  }
+
+  async probe() {
+    try {
+      const balance = await api("GET", "/api/balance", undefined, this.token);
+      if (!this.stopped) this.onBalance(balance.balances, balance.version, balance.control_mode, true);
+    } catch (error) {
+      if (error.status === 401 && !this.stopped) this.onUnauthorized();
+    }
   }
 
   stopPolling() {
@@ -139,10 +181,13 @@ export function el(tag, attributes = {}, ...children) {
 }
 
 export function showLogin(container, onLoggedIn) {
+  const notice = el("p", { class: "notice", "data-testid": "login-notice" }, sessionStorage.getItem(NOTICE_KEY) || "");
+  sessionStorage.removeItem(NOTICE_KEY);
+  if (!notice.textContent) notice.hidden = true;
   const error = el("p", { class: "error", "data-testid": "login-error" });
   const username = el("input", { name: "username", "data-testid": "username", autocomplete: "username", required: "" });
   const password = el("input", { name: "password", type: "password", "data-testid": "password", autocomplete: "current-password", required: "" });
-  const form = el("form", { "data-testid": "login-form", onsubmit: async (event) => {
+  const form = el("form", { class: "login", "data-testid": "login-form", onsubmit: async (event) => {
     event.preventDefault();
     try {
       onLoggedIn(await login(username.value, password.value));
@@ -150,7 +195,7 @@ export function showLogin(container, onLoggedIn) {
       error.textContent = failure.message;
     }
   } },
-    el("label", {}, "Username ", username), el("label", {}, "Password ", password),
+    notice, el("label", {}, "Username ", username), el("label", {}, "Password ", password),
     el("button", { type: "submit", "data-testid": "login" }, "Log in"), error);
   container.replaceChildren(form);
 }

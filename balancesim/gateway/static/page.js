@@ -1,10 +1,20 @@
 // The test page: live balances of the logged-in account, every operation its role
-// may do, open trades with their countdown, a log of every message, and a
+// may do, a trader's view (prices with a live chart, open and settled trades, the
+// account's transactions page by page) beside a log of every message, and a
 // comprehensive test that checks each operation against what the socket delivers.
-import { ApiError, LiveSession, api, el, forget, saved, showLogin, units } from "/balancesim.js";
+import {
+  LiveSession, api, decidedBy, decimal, el, expire, forget, saved, secondsLeft, showLogin, units,
+} from "/balancesim.js";
 
 const app = document.getElementById("app");
-const state = { balances: {}, version: 0, trades: new Map(), messages: [], waiters: [] };
+const SYMBOLS = ["BTCUSDT", "ETHUSDT"];
+const CHART_POINTS = 120;  // recent price_ticks kept per symbol
+const SETTLED_SHOWN = 30;
+const TX_PAGE = 10;
+const SVG = "http://www.w3.org/2000/svg";
+const state = {
+  balances: {}, version: 0, open: new Map(), settled: new Map(), prices: {}, history: {}, messages: [], waiters: [],
+};
 
 function start(who) {
   const status = el("span", { class: "status", "data-testid": "ws-status", "data-state": "connecting" }, "connecting");
@@ -12,22 +22,29 @@ function start(who) {
     ...["USDT", "BTC", "ETH"].map((asset) => el("span", {}, `${asset} `, el("b", { "data-testid": `balance-${asset}` }, "…"))),
     el("span", {}, "version ", el("b", { "data-testid": "version" }, "…")));
   const mode = el("b", { "data-testid": "control-mode" }, "…");
-  const trades = el("ul", { "data-testid": "open-trades" });
+  const openList = el("ul", { class: "trades", "data-testid": "open-trades" });
+  const settledList = el("ul", { class: "trades", "data-testid": "settled-trades" });
   const log = el("div", { class: "log", "data-testid": "log" });
   const results = el("ol", { "data-testid": "test-results" });
   const summary = el("p", { "data-testid": "test-summary" });
+  const transactions = transactionsView();
   app.replaceChildren(
     el("header", {},
       el("span", { "data-testid": "who" }, `${who.username} (${who.role}, #${who.user_id})`), status,
       el("span", {}, "control mode ", mode),
       el("button", { "data-testid": "logout", onclick: () => { session.stop(); forget(); location.reload(); } }, "Log out")),
     balances,
-    ...panels(who),
-    el("section", {}, el("h2", {}, "Open trades"), trades),
-    el("section", {}, el("h2", {}, "Comprehensive test"),
-      el("button", { "data-testid": "run-test", onclick: () => runTest(who, results, summary) }, "Run comprehensive test"),
-      results, summary),
-    el("section", {}, el("h2", {}, "Messages"), log),
+    el("div", { class: "columns" },
+      el("div", { class: "trader", "data-testid": "trader-view" },
+        pricesView(),
+        ...panels(who),
+        el("section", {}, el("h2", {}, "Open trades"), openList),
+        el("section", {}, el("h2", {}, "Settled trades"), settledList),
+        transactions.section,
+        el("section", {}, el("h2", {}, "Comprehensive test"),
+          el("button", { "data-testid": "run-test", onclick: () => runTest(who, results, summary) }, "Run comprehensive test"),
+          results, summary)),
+      el("section", { class: "messages" }, el("h2", {}, "Messages"), log)),
   );
 
   const show = () => {
@@ -38,43 +55,178 @@ function start(who) {
   };
   const session = new LiveSession(who.token, {
     onState: (value) => { status.dataset.state = value; status.textContent = value; },
-    onUnauthorized: () => { session.stop(); forget(); start(null); },
+    onUnauthorized: expire,
     onBalance: (balances, version, controlMode, polled) => {
       if (version >= state.version || !polled) Object.assign(state, { balances: { ...balances }, version });
       mode.textContent = controlMode;
       show();
+      transactions.changed();
     },
     onMessage: (message) => {
       state.messages.push(message);
-      if (message.type !== "price_tick") {
+      if (message.type === "price_tick") {
+        tick(message.prices);
+      } else {
         log.prepend(el("div", { "data-type": message.type }, JSON.stringify(message)));
       }
       if (message.type === "balance_update" && message.user_id === who.user_id && message.version > state.version) {
         state.balances[message.asset] = message.balance;
         state.version = message.version;
         show();
+        transactions.changed();
       } else if (message.type === "trading_control_update" && message.user_id === who.user_id) {
         mode.textContent = message.mode;
       } else if (message.type === "trade_update") {
-        const trade = message.trade;
-        if (trade.status === "open") state.trades.set(trade.trade_id, trade);
-        else state.trades.delete(trade.trade_id);
+        remember(message.trade);
+        drawSettled(settledList, who);
       }
       state.waiters = state.waiters.filter((waiter) => !waiter(message));
     },
   });
-  setInterval(() => drawTrades(trades, who), 250);
+  loadTrades(who).then(() => drawSettled(settledList, who));
+  api("GET", "/api/market").then(({ prices }) => { if (!Object.keys(state.prices).length) tick(prices); }, () => {});
+  setInterval(() => drawOpen(openList, who), 250);
 }
 
-function drawTrades(list, who) {
-  list.replaceChildren(...[...state.trades.values()].map((trade) => {
-    const left = Math.max(0, (Date.parse(trade.expires_at) - Date.now()) / 1000);
+// -- trades ------------------------------------------------------------------------
+
+// A settled trade is final: an "open" copy that arrives later (a fetch racing the socket) never revives it.
+function remember(trade) {
+  if (trade.status === "open") {
+    if (!state.settled.has(trade.trade_id)) state.open.set(trade.trade_id, trade);
+  } else {
+    state.open.delete(trade.trade_id);
+    state.settled.set(trade.trade_id, trade);
+  }
+}
+
+async function loadTrades(who) {
+  // Admins receive every account's trade_update, so they see every account's trades here too.
+  const lists = who.role === "user"
+    ? [api("GET", "/api/options?status=open"), api("GET", "/api/options?status=settled")]
+    : [api("GET", "/api/admin/trades?status=open&limit=1000"), api("GET", `/api/admin/trades?status=settled&limit=${SETTLED_SHOWN}`)];
+  for (const list of await Promise.allSettled(lists)) {
+    if (list.status === "fulfilled") list.value.trades.forEach(remember);
+  }
+}
+
+function owner(trade, who) {
+  return trade.user_id === who.user_id ? "" : `#${trade.user_id} `;
+}
+
+function drawOpen(list, who) {
+  const trades = [...state.open.values()].sort((a, b) => Date.parse(a.expires_at) - Date.parse(b.expires_at));
+  list.replaceChildren(...trades.map((trade) => {
     const force = who.role === "user" ? [] : ["win", "lose"].map((outcome) =>
       el("button", { "data-testid": `force-${outcome}-${trade.trade_id}`, onclick: () => act(api("POST", `/api/admin/trades/${trade.trade_id}/force`, { outcome })) }, `force ${outcome}`));
     return el("li", { "data-trade": trade.trade_id },
-      `${trade.trade_id} #${trade.user_id} ${trade.symbol} ${trade.direction} ${trade.amount} USDT — ${left.toFixed(1)} s left `, ...force);
+      el("span", {}, `${owner(trade, who)}${trade.symbol} ${trade.direction} ${trade.amount} USDT, entry ${trade.entry_price}`),
+      el("b", { class: "countdown", "data-testid": `countdown-${trade.trade_id}` }, `${secondsLeft(trade).toFixed(1)} s left`),
+      trade.forced_outcome ? el("span", { class: "muted" }, `forced to ${trade.forced_outcome}`) : "",
+      el("small", { class: "muted" }, trade.trade_id), ...force);
   }));
 }
+
+function drawSettled(list, who) {
+  const trades = [...state.settled.values()]
+    .sort((a, b) => Date.parse(b.settled_at) - Date.parse(a.settled_at)).slice(0, SETTLED_SHOWN);
+  list.replaceChildren(...trades.map((trade) => {
+    const payout = trade.payout ?? "0";
+    const net = decimal(units(payout) - units(trade.amount));
+    return el("li", { "data-trade": trade.trade_id, "data-status": trade.status, "data-testid": `settled-${trade.trade_id}` },
+      el("span", {}, `${owner(trade, who)}${trade.symbol} ${trade.direction} ${trade.amount} USDT, entry ${trade.entry_price} → exit ${trade.exit_price}`),
+      el("b", { class: `outcome ${trade.status}` }, trade.status),
+      el("span", {}, `payout ${payout} USDT (${net.startsWith("-") ? net : `+${net}`})`),
+      el("span", { class: "muted", "data-testid": `decided-${trade.trade_id}` }, decidedBy(trade.decided_by)),
+      el("small", { class: "muted" }, trade.trade_id));
+  }));
+}
+
+// -- prices ------------------------------------------------------------------------
+
+function pricesView() {
+  return el("section", { "data-testid": "prices" }, el("h2", {}, "Prices"),
+    ...SYMBOLS.map((symbol) => {
+      const svg = document.createElementNS(SVG, "svg");
+      svg.setAttribute("viewBox", "0 0 300 60");
+      svg.setAttribute("preserveAspectRatio", "none");
+      svg.setAttribute("class", "spark");
+      svg.setAttribute("role", "img");
+      svg.setAttribute("aria-label", `${symbol}, recent prices`);
+      svg.dataset.testid = `chart-${symbol}`;
+      const line = document.createElementNS(SVG, "polyline");
+      line.setAttribute("fill", "none");
+      line.setAttribute("vector-effect", "non-scaling-stroke");
+      svg.append(line);
+      return el("div", { class: "price" },
+        el("span", { class: "symbol" }, symbol),
+        el("b", { "data-testid": `price-${symbol}` }, "…"),
+        el("small", { class: "muted", "data-testid": `range-${symbol}` }, ""), svg);
+    }));
+}
+
+function tick(prices) {
+  for (const symbol of SYMBOLS) {
+    if (prices[symbol] === undefined) continue;
+    const points = (state.history[symbol] ??= []);
+    points.push(Number(prices[symbol]));
+    if (points.length > CHART_POINTS) points.shift();
+    const previous = state.prices[symbol];
+    state.prices[symbol] = prices[symbol];
+    const price = document.querySelector(`[data-testid="price-${symbol}"]`);
+    if (!price) continue;
+    price.textContent = prices[symbol];
+    if (previous !== undefined) price.dataset.move = Number(prices[symbol]) >= Number(previous) ? "up" : "down";
+    const low = Math.min(...points), high = Math.max(...points), span = high - low || 1;
+    document.querySelector(`[data-testid="range-${symbol}"]`).textContent = `low ${low} · high ${high}`;
+    const step = 300 / Math.max(1, points.length - 1);
+    document.querySelector(`[data-testid="chart-${symbol}"] polyline`).setAttribute("points",
+      points.map((p, i) => `${(i * step).toFixed(1)},${(56 - ((p - low) / span) * 52).toFixed(1)}`).join(" "));
+  }
+}
+
+// -- transactions ------------------------------------------------------------------
+
+// GET /api/transactions pages by version (each account's versions run 1, 2, 3 … without
+// gaps): page k holds versions k·TX_PAGE+1 …. The newest page follows new entries live.
+function transactionsView() {
+  let after = null;  // null: follow the newest page
+  let timer = null;
+  const body = el("tbody", { "data-testid": "transactions" });
+  const range = el("span", { "data-testid": "tx-range" });
+  const previous = el("button", { "data-testid": "tx-previous", onclick: () => go(shown() - TX_PAGE) }, "‹ Previous");
+  const next = el("button", { "data-testid": "tx-next", onclick: () => go(shown() + TX_PAGE) }, "Next ›");
+  const newest = () => Math.max(0, Math.floor((state.version - 1) / TX_PAGE) * TX_PAGE);
+  const shown = () => after ?? newest();
+  const go = (value) => { after = value >= newest() ? null : Math.max(0, value); load(); };
+  const columns = ["version", "type", "amount", "balance after", "description", "time (UTC)"];
+  async function load() {
+    const from = shown();
+    const { transactions } = await api("GET", `/api/transactions?after_version=${from}&limit=${TX_PAGE}`);
+    if (from !== shown()) return;  // the page moved on meanwhile
+    body.replaceChildren(...transactions.map((t) => el("tr", { "data-version": t.version },
+      ...[t.version, t.type, `${t.amount} ${t.asset}`, t.balance_after, t.description, t.ts.slice(11, 19)]
+        .map((value, i) => el("td", { "data-label": columns[i] }, String(value))))));
+    range.textContent = transactions.length
+      ? `versions ${transactions[0].version}–${transactions.at(-1).version} of ${state.version}` : "no transactions yet";
+    previous.disabled = from === 0;
+    next.disabled = after === null;
+  }
+  const section = el("section", {}, el("h2", {}, "Transactions"),
+    el("div", { class: "scroll" },
+      el("table", { class: "cards tx" }, el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", {}, c)))), body)),
+    el("div", { class: "pager" }, previous, range, next));
+  return {
+    section,
+    changed() {
+      if (after !== null) { next.disabled = false; return; }
+      clearTimeout(timer);
+      timer = setTimeout(() => load().catch(() => {}), 150);
+    },
+  };
+}
+
+// -- operations ----------------------------------------------------------------------
 
 const lastError = el("p", { class: "error", "data-testid": "action-error" });
 
@@ -83,7 +235,7 @@ async function act(promise) {
   try {
     return await promise;
   } catch (error) {
-    lastError.textContent = error instanceof ApiError ? `${error.code}: ${error.message}` : String(error);
+    lastError.textContent = error.message;  // an ApiError's message is already "400 invalid_amount: …"
     return null;
   }
 }
@@ -98,19 +250,19 @@ function panels(who) {
   const stake = field("option-amount", { value: "10", size: 8 });
   const quantity = field("spot-quantity", { value: "0.001", size: 8 });
   out.push(el("section", {}, el("h2", {}, "Trade on my account"),
-    el("label", {}, "Symbol ", symbol), el("label", {}, "Stake ", stake),
-    ...[30, 60].flatMap((duration) => ["up", "down"].map((direction) =>
+    el("div", { class: "row" }, el("label", {}, "Symbol ", symbol), el("label", {}, "Stake ", stake)),
+    el("div", { class: "buttons" }, ...[30, 60].flatMap((duration) => ["up", "down"].map((direction) =>
       el("button", { "data-testid": `option-${duration}-${direction}`, onclick: () =>
         act(api("POST", "/api/options", { symbol: symbol.value, direction, amount: stake.value, duration })) },
-      `${duration} s ${direction}`))),
-    el("br"), el("label", {}, "Quantity ", quantity),
-    ...["buy", "sell"].map((side) => el("button", { "data-testid": `spot-${side}`, onclick: () =>
-      act(api("POST", "/api/spot/orders", { symbol: symbol.value, side, quantity: quantity.value })) }, `spot ${side}`)),
+      `${duration} s ${direction}`)))),
+    el("div", { class: "row" }, el("label", {}, "Quantity ", quantity),
+      el("span", { class: "buttons" }, ...["buy", "sell"].map((side) => el("button", { "data-testid": `spot-${side}`, onclick: () =>
+        act(api("POST", "/api/spot/orders", { symbol: symbol.value, side, quantity: quantity.value })) }, `spot ${side}`)))),
     lastError));
   if (who.role === "superadmin") {
     const target = el("select", { "data-testid": "target-user" });
     api("GET", "/api/users").then(({ users }) => target.replaceChildren(
-      ...users.map((u) => el("option", { value: u.user_id }, `${u.username} (#${u.user_id})`))));
+      ...users.map((u) => el("option", { value: u.user_id }, `${u.username} (#${u.user_id})`))), () => {});
     const amount = field("admin-amount", { value: "100", size: 8 });
     const asset = el("select", { "data-testid": "admin-asset" }, ...["USDT", "BTC", "ETH"].map((a) => el("option", {}, a)));
     const description = field("admin-description", { value: "from the test page" });
