@@ -297,7 +297,7 @@ class AdminTradesHandler(ApiHandler):
 
     @api
     async def get(self) -> Result:
-        self.who(MAY["read_all"])
+        await self.who(MAY["read_all"])
         status = self.get_query_argument("status", None) or None
         if status not in (None, "open", "settled"):
             raise errors.InvalidRequest("status must be open or settled")
