@@ -32,8 +32,8 @@ class Reply(pykka.Future[Any]):
     Args:
         view: shows the value to whoever reads it. The engine completes a
             mutation's reply with a ``Confirmed`` record; its facade gives the
-            reply ``result_of`` as the view, so readers get PROTOCOL.md's body
-            while the ledger never builds one. Applied once, on first read.
+            reply the edge's view of it, so readers get PROTOCOL.md's body while
+            the ledger never builds one. Applied once, on first read.
     """
 
     def __init__(self, view: Callable[[Any], Any] | None = None) -> None:
