@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
+from balancesim.operations import OPERATIONS, perform, transactions_of
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
 
@@ -55,18 +56,17 @@ class TrialResult:
 async def _drive(rng: random.Random, boss: Client, user: Client, acked: list[dict], counts: dict) -> None:
     """One user's mutations until the server dies; every 2xx answer goes into ``acked``."""
     while True:
-        kind = rng.choice(["deposit", "withdraw", "spot", "spot", "option", "option"])
+        name = rng.choice(["deposit", "withdraw", "spot", "spot", "option", "option"])
+        args = {
+            "to": user.user_id,
+            "amount": f"{rng.randint(1, 99)}.{rng.randint(0, 99)}" if name == "deposit"
+            else f"{rng.randint(1, 20)}" if name == "withdraw" else "5",
+            "symbol": rng.choice(["BTCUSDT", "ETHUSDT"]), "side": rng.choice(["buy", "sell"]),
+            "quantity": "0.001", "direction": rng.choice(["up", "down"]), "duration": rng.choice([30, 60]),
+        }
         try:
-            if kind == "deposit":
-                acked.append(await boss.deposit(user.user_id, f"{rng.randint(1, 99)}.{rng.randint(0, 99)}"))
-            elif kind == "withdraw":
-                acked.append(await boss.withdraw(user.user_id, f"{rng.randint(1, 20)}"))
-            elif kind == "spot":
-                order = await user.spot(rng.choice(["BTCUSDT", "ETHUSDT"]), rng.choice(["buy", "sell"]), "0.001")
-                acked.extend(order["transactions"])
-            else:
-                await user.open_option(rng.choice(["BTCUSDT", "ETHUSDT"]), rng.choice(["up", "down"]), "5",
-                                       rng.choice([30, 60]))
+            body = await perform(boss if OPERATIONS[name].admin else user, name, args)
+            acked.extend(transactions_of(body))
             counts["acked"] += 1
         except ApiError as error:
             if error.status >= 500 and error.code != "storage_unavailable":

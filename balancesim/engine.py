@@ -121,9 +121,10 @@ class Engine:
         self._known_users: set[int] = set()
         self.bus.subscribe(self._note_users)
         # Blocking work, off the caller's thread: ledger look-ups, and (apart, as
-        # each takes tens of milliseconds) password hashing.
+        # each takes tens of milliseconds) password hashing. One hashing thread
+        # keeps creations in call order, so user ids are deterministic under a seed.
         self._io = ThreadPoolExecutor(4, thread_name_prefix="engine-io")
-        self._hashing = ThreadPoolExecutor(2, thread_name_prefix="engine-hash")
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="engine-hash")
         self._idem_lock = threading.Lock()
         self._idem_inflight: dict[tuple[int, str], tuple[str, Reply]] = {}
 

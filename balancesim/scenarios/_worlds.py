@@ -16,17 +16,17 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from balancesim import errors
-from balancesim.actors import VirtualClock, failed
-from balancesim.auth import MAY
+from balancesim.actors import VirtualClock
 from balancesim.client import ApiError, Client, Session, Stream, configure_http
 from balancesim.engine import Engine
+from balancesim.operations import OPERATIONS, EngineClient, perform
 from balancesim.reports import verify
 from balancesim.routing import Audiences, route
-from balancesim.vocabulary import is_admin
 from balancesim.scenarios._model import Participant
+from balancesim.vocabulary import MAY, is_admin
 
 __all__ = ["OpFailed", "InProcessWorld", "RemoteWorld", "ledger_digest"]
 
@@ -68,6 +68,7 @@ class InProcessWorld:
         self.engine = Engine(self.path, clock=VirtualClock(), seed=seed, password_cost=2).start()
         self.ids: dict[str, int] = {}
         self.roles: dict[str, str] = {}
+        self.clients: dict[str, EngineClient] = {}
         self.streams: dict[str, Stream] = {}
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._usernames: dict[int, str] = {}
@@ -82,6 +83,7 @@ class InProcessWorld:
         for name, reply in creates.items():
             self.ids[name] = reply.get(timeout=60)["user_id"]
             self._usernames[self.ids[name]] = name
+            self.clients[name] = EngineClient(self.engine, self.ids[name])
         funds = [self.engine.deposit(self.ids[p.name], p.deposit, description="starting balance")
                  for p in participants.values() if p.deposit]
         for reply in funds:
@@ -98,30 +100,22 @@ class InProcessWorld:
 
     async def op_many(self, actor: str | None, calls: list[tuple[str, dict[str, Any]]],
                       actors: list[str] | None = None) -> list[Any]:
-        """Submit every call first, then wait: concurrent like real clients. Failures come back as ``OpFailed``."""
-        replies = [self._submit(actors[i] if actors else actor, op, args) for i, (op, args) in enumerate(calls)]
-        results = []
-        for reply in replies:
-            try:
-                results.append(reply.get(timeout=120))
-            except errors.BalancesimError as error:
-                results.append(OpFailed(error.code, error.message))
-        self._pump()
-        return results
+        """Every call at once, like real clients (each is submitted in order before any
+        is awaited). Failures come back as ``OpFailed``."""
 
-    def _submit(self, actor: str, op: str, a: dict[str, Any]) -> Any:
-        e, me = self.engine, self.ids[actor]
-        if self.roles[actor] not in MAY[op]:
-            return failed(errors.Forbidden(f"{op} needs the role {' or '.join(MAY[op])}"))
-        if op in ("deposit", "withdraw", "adjust"):
-            return getattr(e, op)(a["to"], a["amount"], a.get("asset", "USDT"), a.get("description", ""), initiated_by=me)
-        if op == "control":
-            return e.set_control_mode(a["to"], a["mode"], me)
-        if op == "force":
-            return e.force_option(a["trade"], a["outcome"], me)
-        if op == "option":
-            return e.open_option(me, a["symbol"], a["direction"], a["amount"], a["duration"])
-        return e.spot_order(me, a["symbol"], a["side"], a["quantity"])
+        async def one(who: str, op: str, args: dict[str, Any]) -> Any:
+            allowed = MAY[OPERATIONS[op].permission]
+            if self.roles[who] not in allowed:
+                return OpFailed("forbidden", f"{op} needs the role {' or '.join(allowed)}")
+            try:
+                return await perform(self.clients[who], op, args)
+            except errors.BalancesimError as error:
+                return OpFailed(error.code, error.message)
+
+        results = await asyncio.gather(*(one(actors[i] if actors else actor, op, a)
+                                         for i, (op, a) in enumerate(calls)))
+        self._pump()
+        return list(results)
 
     def _pump(self) -> None:
         while self._pending:
@@ -201,22 +195,15 @@ class RemoteWorld:
     async def op_many(self, actor: str | None, calls: list[tuple[str, dict[str, Any]]],
                       actors: list[str] | None = None) -> list[Any]:
         async def one(who: str, op: str, a: dict[str, Any]) -> Any:
-            c = self.clients[who]
             try:
-                if op in ("deposit", "withdraw", "adjust"):
-                    return {"transaction": await getattr(c, op)(a["to"], a["amount"], a.get("asset", "USDT"), a.get("description", ""))}
-                if op == "control":
-                    return await c.set_control(a["to"], a["mode"])
-                if op == "force":
-                    return {"trade": await c.force(a["trade"], a["outcome"])}
-                if op == "option":
-                    trade = await c.open_option(a["symbol"], a["direction"], a["amount"], a["duration"])
-                    expires_at = datetime.fromisoformat(trade["expires_at"]).timestamp()
-                    self.open[trade["trade_id"]] = (who, self.virtual_s + a["duration"], expires_at)
-                    return {"trade": trade}
-                return {"order": await c.spot(a["symbol"], a["side"], a["quantity"])}
+                body = await perform(self.clients[who], op, a)
             except ApiError as error:
                 return OpFailed(error.code, error.message)
+            if op == "option":
+                trade = body["trade"]
+                expires_at = datetime.fromisoformat(trade["expires_at"]).timestamp()
+                self.open[trade["trade_id"]] = (who, self.virtual_s + a["duration"], expires_at)
+            return body
 
         return await asyncio.gather(*(one(actors[i] if actors else actor, op, a) for i, (op, a) in enumerate(calls)))
 
