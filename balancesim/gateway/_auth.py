@@ -70,7 +70,11 @@ class TokenStore:
         self.cache_max = cache_max
         self._db = connect(db_path)
         self._db.execute(_SCHEMA)
-        self._lock = threading.Lock()
+        # Two locks: the connection's, held across file I/O (an fsync may stall for
+        # 100+ ms), and the cache's, held only for dict operations: the IOLoop
+        # takes the cache's on every request and must never wait behind a write.
+        self._db_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         self._cache: collections.OrderedDict[str, tuple[Principal, float]] = collections.OrderedDict()
 
     def issue(self, principal: Principal) -> str:
@@ -78,14 +82,13 @@ class TokenStore:
         token = secrets.token_urlsafe(32)
         digest = _digest(token)
         expires_at = time.time() + self.ttl_s
-        with self._lock:
-            with self._db.atomic():
-                self._db.execute("DELETE FROM sessions WHERE expires_at < ?", (time.time(),))
-                self._db.execute(
-                    "INSERT INTO sessions (token_hash, user_id, username, role, expires_at) VALUES (?, ?, ?, ?, ?)",
-                    (digest, principal.user_id, principal.username, principal.role, expires_at),
-                )
-            self._remember(digest, (principal, expires_at))
+        with self._db_lock, self._db.atomic():
+            self._db.execute("DELETE FROM sessions WHERE expires_at < ?", (time.time(),))
+            self._db.execute(
+                "INSERT INTO sessions (token_hash, user_id, username, role, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (digest, principal.user_id, principal.username, principal.role, expires_at),
+            )
+        self._remember(digest, (principal, expires_at))
         return token
 
     async def check(self, token: str | None) -> Principal | None:
@@ -93,7 +96,7 @@ class TokenStore:
         if not token or len(token) > 256:
             return None
         digest = _digest(token)
-        with self._lock:
+        with self._cache_lock:
             hit = self._cache.get(digest)
             if hit is not None:
                 self._cache.move_to_end(digest)
@@ -113,24 +116,26 @@ class TokenStore:
         return hit[0] if hit is not None and hit[1] > time.time() else None
 
     def _load(self, digest: str) -> tuple[Principal, float] | None:
-        with self._lock:
+        with self._cache_lock:
             hit = self._cache.get(digest)
-            if hit is not None:
-                return hit
+        if hit is not None:
+            return hit
+        with self._db_lock:
             row = self._db.execute(
                 "SELECT user_id, username, role, expires_at FROM sessions WHERE token_hash = ?", (digest,)
             ).fetchone()
-            if row is None:
-                return None
-            hit = (Principal(row[0], row[1], row[2]), row[3])
-            self._remember(digest, hit)
-            return hit
+        if row is None:
+            return None
+        hit = (Principal(row[0], row[1], row[2]), row[3])
+        self._remember(digest, hit)
+        return hit
 
     def _remember(self, digest: str, hit: tuple[Principal, float]) -> None:
-        # Under the lock. The oldest entries go first; they are still in the file.
-        self._cache[digest] = hit
-        while len(self._cache) > self.cache_max:
-            self._cache.popitem(last=False)
+        # The oldest entries go first; they are still in the file.
+        with self._cache_lock:
+            self._cache[digest] = hit
+            while len(self._cache) > self.cache_max:
+                self._cache.popitem(last=False)
 
     def close(self) -> None:
         self._db.close()

@@ -185,7 +185,7 @@ class LoginHandler(ApiHandler):
             raise errors.RateLimited("too many failed logins; try again in a minute")
         body = self.body()
         username, password = self.field(body, "username", str), self.field(body, "password", str)
-        user = await self.ctx.blocking(self.ctx.engine.authenticate, username, password)
+        user = await as_asyncio(self.ctx.engine.login(username, password))
         if user is None:
             self.ctx.limiter.failed(address)
             raise errors.Unauthorized("wrong username or password")
