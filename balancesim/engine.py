@@ -47,7 +47,9 @@ from balancesim.actors import (
     Reply,
     SetControlMode,
     START_PRICES,
+    UpdateUser,
     UserCreated,
+    UserUpdated,
     VirtualClock,
     Withdraw,
     check_password,
@@ -152,6 +154,10 @@ class Engine:
         self.registry.stop_all()
         self.ledger.close()
 
+    def ready(self) -> bool:
+        """Whether the engine takes commands: started, and its ledger writer alive."""
+        return self._market is not None and self.ledger.alive()
+
     def __enter__(self) -> Engine:
         return self.start()
 
@@ -192,6 +198,37 @@ class Engine:
         self._hashing.submit(self._create, reply, command, password, idempotency_key)
         return reply
 
+    def update_user(self, user_id: int, *, disabled: bool | None = None, role: str | None = None,
+                    set_by: int, idempotency_key: str | None = None) -> Reply:
+        """Disable, re-enable or change the role of an account; ``{user_id, username, role, disabled}``.
+
+        Recorded with who and when (``user_changes``); the ``UserUpdated`` event
+        tells the gateway to revoke the account's tokens and close its sessions.
+        """
+        if type(user_id) is not int:
+            return failed(errors.InvalidRequest("user_id must be an integer"))
+        command = UpdateUser(user_id, disabled, role, set_by)
+        rejected = validate(command)
+        if rejected is not None:
+            return failed(rejected.error)
+        try:
+            self._check_key(idempotency_key)
+        except errors.BalancesimError as error:
+            return failed(error)
+        reply = Reply(result_of)
+
+        def send(target: Reply, idempotency: tuple[int, str, str] | None) -> None:
+            decided = UserUpdated(user_id, "", role or "", bool(disabled), set_by, self.clock.now())
+            self.ledger.append(Submission(None, command, (decided,), target, None, idempotency))
+
+        if idempotency_key is None:
+            send(reply, None)
+        else:
+            fingerprint = json.dumps({"op": "update_user", "user_id": user_id, "disabled": disabled,
+                                      "role": role}, sort_keys=True)
+            self._io.submit(self._keyed, reply, set_by, idempotency_key, fingerprint, send)
+        return reply
+
     def login(self, username: str, password: str) -> Reply:
         """``authenticate`` on the hashing thread: the reply is the user or ``None``."""
         reply = Reply()
@@ -206,13 +243,14 @@ class Engine:
         return reply
 
     def authenticate(self, username: str, password: str) -> dict[str, Any] | None:
-        """``{user_id, username, role}`` when the password matches, else ``None``. Blocks."""
+        """``{user_id, username, role, disabled}`` when the password matches, else ``None``. Blocks."""
         if not (is_text(username) and is_text(password)):
             return None
         row = self.ledger.user(username=username)
         if row is None or not verify_password(password, row["password_hash"]):
             return None
-        return {"user_id": row["user_id"], "username": row["username"], "role": row["role"]}
+        return {"user_id": row["user_id"], "username": row["username"], "role": row["role"],
+                "disabled": bool(row["disabled"])}
 
     def user(self, user_id: int) -> dict[str, Any] | None:
         """``{user_id, username, role}`` or ``None``. Blocks."""
@@ -222,9 +260,13 @@ class Engine:
         self._known_users.add(user_id)
         return {"user_id": row["user_id"], "username": row["username"], "role": row["role"]}
 
-    def users(self) -> list[dict[str, Any]]:
-        """Every account as ``GET /api/users`` lists it. Blocks."""
-        return [self._snapshot_view(snap) for snap in self.ledger.snapshots()]
+    def users(self, *, with_disabled: bool = False) -> list[dict[str, Any]]:
+        """Every account as ``GET /api/users`` lists it (``with_disabled``: and its flag). Blocks."""
+        views = [self._snapshot_view(snap) for snap in self.ledger.snapshots()]
+        if not with_disabled:
+            for view in views:
+                del view["disabled"]
+        return views
 
     # -- mutations -----------------------------------------------------------------
 
@@ -298,7 +340,7 @@ class Engine:
         if not snaps:
             raise errors.UnknownUser(f"no user {user_id}")
         view = self._snapshot_view(snaps[0])
-        del view["username"], view["role"]
+        del view["username"], view["role"], view["disabled"]
         return view
 
     def history(self, user_id: int, after_version: int = 0, limit: int = 100) -> list[dict[str, Any]]:

@@ -19,10 +19,11 @@ from balancesim.actors import (
     OptionSettled,
     Posted,
     PriceTicked,
+    UserUpdated,
     iso,
 )
 from balancesim.money import format_amount
-from balancesim.views import balance_update, control_update, trade_view
+from balancesim.views import balance_update, control_update, trade_view, user_update
 from balancesim.vocabulary import ADMIN_ROLES as _ADMIN_ROLES
 
 __all__ = ["OWNER", "ADMINS", "EVERYONE", "Delivery", "route", "Audiences", "ADMIN_ROLES"]
@@ -61,6 +62,8 @@ def route(event: Any, username_of: Callable[[int], str | None]) -> list[Delivery
     if isinstance(event, (OptionOpened, OptionForced, OptionSettled)):
         update = {"type": "trade_update", "trade": trade_view(event.trade)}
         return [Delivery(OWNER, update, event.trade.user_id), Delivery(ADMINS, update)]
+    if isinstance(event, UserUpdated):
+        return [Delivery(ADMINS, user_update(event))]
     if isinstance(event, PriceTicked):
         prices = {symbol: format_amount(price) for symbol, price in event.prices.items()}
         return [Delivery(EVERYONE, {"type": "price_tick", "prices": prices, "ts": iso(event.ts)})]

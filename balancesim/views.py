@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from balancesim.actors._clock import iso
 from balancesim.actors._messages import (
     Confirmed, ControlModeSet, OptionForced, OptionOpened, OptionSettled, Posted, Trade, UserCreated,
+    UserUpdated,
 )
 from balancesim.money import format_amount
 
@@ -22,6 +23,7 @@ __all__ = [
     "balances_view",
     "balance_update",
     "control_update",
+    "user_update",
     "metadata_view",
     "result_of",
 ]
@@ -108,6 +110,19 @@ def balance_update(entry: Posted) -> dict[str, Any]:
     }
 
 
+def user_update(event: UserUpdated) -> dict[str, Any]:
+    """PROTOCOL.md's ``user_update`` message (to the admins)."""
+    return {
+        "type": "user_update",
+        "user_id": event.user_id,
+        "username": event.username,
+        "role": event.role,
+        "disabled": event.disabled,
+        "set_by": event.set_by,
+        "ts": iso(event.ts),
+    }
+
+
 def control_update(event: ControlModeSet) -> dict[str, Any]:
     """PROTOCOL.md's ``trading_control_update`` message."""
     return {
@@ -132,6 +147,9 @@ def result_of(confirmed: Confirmed) -> dict[str, Any]:
         return {"user_id": first.user_id, "mode": first.mode}
     if isinstance(first, UserCreated):
         return {"user_id": first.user_id, "username": first.username, "role": first.role}
+    if isinstance(first, UserUpdated):
+        return {"user_id": first.user_id, "username": first.username, "role": first.role,
+                "disabled": first.disabled}
     posted = [event for event in events if isinstance(event, Posted)]
     meta = posted[0].metadata
     if "order_id" in meta:

@@ -30,7 +30,9 @@ from balancesim.actors import (
     SetControlMode,
     SettleOption,
     Trade,
+    UpdateUser,
     UserCreated,
+    UserUpdated,
     Withdraw,
     decode,
     encode,
@@ -71,6 +73,7 @@ commands = st.one_of(
               price=st.none() | units, initiated_by=maybe_id),
     st.builds(SetControlMode, user_id=ids, mode=text, set_by=ids),
     st.builds(CreateUser, username=text, role=text, password_hash=text, created_by=maybe_id),
+    st.builds(UpdateUser, user_id=ids, disabled=st.none() | st.booleans(), role=st.none() | text, set_by=ids),
 )
 events = st.one_of(
     posted,
@@ -79,6 +82,7 @@ events = st.one_of(
     st.builds(OptionSettled, trade=trades),
     st.builds(ControlModeSet, user_id=ids, mode=text, set_by=ids, ts=times),
     st.builds(UserCreated, user_id=ids, username=text, role=text, ts=times),
+    st.builds(UserUpdated, user_id=ids, username=text, role=text, disabled=st.booleans(), set_by=ids, ts=times),
     st.builds(PriceTicked, prices=st.dictionaries(text, units, max_size=3), ts=times),
 )
 rejections = st.builds(

@@ -37,7 +37,9 @@ from balancesim.actors._messages import (
     SetControlMode,
     SettleOption,
     Trade,
+    UpdateUser,
     UserCreated,
+    UserUpdated,
     Withdraw,
 )
 from balancesim.actors._registry import AccountRegistry
@@ -51,7 +53,7 @@ __all__ = [
     "EventBus", "ForceOption", "Ledger", "MarketActor", "OpenOption", "OptionForced",
     "OptionOpened", "OptionSettled", "PlaceSpotOrder", "Posted", "PriceBoard", "PriceTicked",
     "RealClock", "Rejected", "Reply", "SetControlMode", "SettleOption", "Submission", "Timer",
-    "Trade", "UserCreated", "VirtualClock", "Withdraw", "apply", "apply_all", "as_asyncio",
+    "Trade", "UpdateUser", "UserCreated", "UserUpdated", "VirtualClock", "Withdraw", "apply", "apply_all", "as_asyncio",
     "check_password", "completed", "connect", "create_schema", "decide", "decode", "encode",
     "failed", "insert_user", "is_text", "iso", "market_sync", "validate",
 ]

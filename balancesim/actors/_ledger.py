@@ -43,7 +43,9 @@ from balancesim.actors._messages import (
     OptionSettled,
     Posted,
     Trade,
+    UpdateUser,
     UserCreated,
+    UserUpdated,
 )
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState
@@ -108,6 +110,14 @@ CREATE TABLE IF NOT EXISTS control_changes (
     set_by INTEGER NOT NULL,
     ts TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS user_changes (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(user_id),
+    role TEXT NOT NULL,
+    disabled INTEGER NOT NULL,
+    set_by INTEGER NOT NULL,
+    ts TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     caller_id INTEGER NOT NULL,
     key TEXT NOT NULL,
@@ -159,6 +169,10 @@ def create_schema(db: sqlite_utils.Database) -> None:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
+        # Added after the first release: a ledger made before has no such column.
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)").fetchall()}
+        if "disabled" not in columns:
+            db.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
 
 
 def insert_user(db: sqlite_utils.Database, username: str, role: str, password_hash: str, now: float) -> int:
@@ -317,6 +331,10 @@ class Ledger:
         self._queue.put(barrier)
         return barrier.reply
 
+    def alive(self) -> bool:
+        """Whether the writer thread runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
+
     def inject_fault(self, error: Exception | None, *, times: int | None = None) -> None:
         """Make commits fail with ``error``: the next ``times`` ones, or all until cleared."""
         self._fault = error
@@ -415,6 +433,12 @@ class Ledger:
                     except errors.Conflict as error:
                         outcomes.append(error)
                         continue
+                elif type(sub.command) is UpdateUser:
+                    try:
+                        events = (self._update_user(sub.command, sub.events[0]),)
+                    except errors.UnknownUser as error:
+                        outcomes.append(error)
+                        continue
                 else:
                     events = self._number(sub.events)
                 for event in events:
@@ -457,6 +481,23 @@ class Ledger:
     def _insert_user(self, command: CreateUser, decided: UserCreated) -> UserCreated:
         user_id = insert_user(self._db, command.username, command.role, command.password_hash, decided.ts)
         return UserCreated(user_id, decided.username, decided.role, decided.ts)
+
+    def _update_user(self, command: UpdateUser, decided: UserUpdated) -> UserUpdated:
+        row = self._db.execute(
+            "SELECT username, role, disabled FROM users WHERE user_id = ?", (command.user_id,)
+        ).fetchone()
+        if row is None:
+            raise errors.UnknownUser(f"no user {command.user_id}")
+        username, role, disabled = row
+        role = command.role if command.role is not None else role
+        disabled = command.disabled if command.disabled is not None else bool(disabled)
+        self._db.execute("UPDATE users SET role = ?, disabled = ? WHERE user_id = ?",
+                         (role, int(disabled), command.user_id))
+        self._db.execute(
+            "INSERT INTO user_changes (user_id, role, disabled, set_by, ts) VALUES (?, ?, ?, ?, ?)",
+            (command.user_id, role, int(disabled), command.set_by, iso(decided.ts)),
+        )
+        return UserUpdated(command.user_id, username, role, disabled, command.set_by, decided.ts)
 
     def _fail(self, accepted: list[Submission], error: Exception) -> None:
         failure = errors.StorageUnavailable(f"the ledger could not be written: {error}")
@@ -552,15 +593,16 @@ class Ledger:
         where, params = ("WHERE u.user_id = ?", [user_id]) if user_id is not None else ("", [])
         with self.reading() as db:
             rows = db.execute(
-                "SELECT u.user_id, u.username, u.role, u.version, u.control_mode, b.asset, b.amount "
+                "SELECT u.user_id, u.username, u.role, u.version, u.control_mode, u.disabled, b.asset, b.amount "
                 f"FROM users u JOIN balances b ON b.user_id = u.user_id {where} ORDER BY u.user_id",
                 params,
             ).fetchall()
         out: dict[int, dict] = {}
-        for user_id_, username, role, version, mode, asset, amount in rows:
+        for user_id_, username, role, version, mode, disabled, asset, amount in rows:
             snap = out.setdefault(user_id_, {
                 "user_id": user_id_, "username": username, "role": role,
                 "balances": dict.fromkeys(ASSETS, 0), "version": version, "control_mode": mode,
+                "disabled": bool(disabled),
             })
             snap["balances"][asset] = amount
         return list(out.values())

@@ -41,6 +41,8 @@ __all__ = [
     "Rejected",
     "CreateUser",
     "UserCreated",
+    "UpdateUser",
+    "UserUpdated",
     "COMMAND_TYPES",
     "EVENT_TYPES",
 ]
@@ -169,13 +171,23 @@ class CreateUser:
     created_by: int | None = None
 
 
+@dataclass(frozen=True)
+class UpdateUser:
+    """A superadmin disables or re-enables an account, or changes its role (``None``: unchanged)."""
+
+    user_id: int
+    disabled: bool | None
+    role: str | None
+    set_by: int
+
+
 Command = (
     Deposit | Withdraw | Adjust | OpenOption | ForceOption | SettleOption
-    | PlaceSpotOrder | SetControlMode | CreateUser
+    | PlaceSpotOrder | SetControlMode | CreateUser | UpdateUser
 )
 COMMAND_TYPES: tuple[type, ...] = (
     Deposit, Withdraw, Adjust, OpenOption, ForceOption, SettleOption, PlaceSpotOrder,
-    SetControlMode, CreateUser,
+    SetControlMode, CreateUser, UpdateUser,
 )
 
 
@@ -256,9 +268,22 @@ class UserCreated:
     ts: float
 
 
-Event = Posted | OptionOpened | OptionForced | OptionSettled | ControlModeSet | UserCreated
+@dataclass(frozen=True)
+class UserUpdated:
+    """An account's role or disabled flag changed (its tokens are no longer good)."""
+
+    user_id: int
+    username: str
+    role: str
+    disabled: bool
+    set_by: int
+    ts: float
+
+
+Event = Posted | OptionOpened | OptionForced | OptionSettled | ControlModeSet | UserCreated | UserUpdated
 EVENT_TYPES: tuple[type, ...] = (
-    Posted, OptionOpened, OptionForced, OptionSettled, ControlModeSet, UserCreated, PriceTicked,
+    Posted, OptionOpened, OptionForced, OptionSettled, ControlModeSet, UserCreated, UserUpdated,
+    PriceTicked,
 )
 
 

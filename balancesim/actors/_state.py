@@ -23,6 +23,7 @@ from balancesim.actors._messages import (
     Confirmed,
     ControlModeSet,
     CreateUser,
+    UpdateUser,
     Deposit,
     Event,
     ForceOption,
@@ -148,6 +149,13 @@ def _validate(cmd: Command) -> None:
         _check_in("outcome", cmd.outcome, OUTCOMES)
     elif isinstance(cmd, SetControlMode):
         _check_in("mode", cmd.mode, CONTROL_MODES)
+    elif isinstance(cmd, UpdateUser):
+        if cmd.disabled is None and cmd.role is None:
+            raise errors.InvalidRequest("give disabled, role or both")
+        if cmd.disabled is not None and type(cmd.disabled) is not bool:
+            raise errors.InvalidRequest("disabled must be true or false")
+        if cmd.role is not None:
+            _check_in("role", cmd.role, ROLES)
     elif isinstance(cmd, CreateUser):
         if not is_text(cmd.username) or not 1 <= len(cmd.username) <= MAX_USERNAME or not cmd.username.isprintable():
             raise errors.InvalidRequest(f"username must be 1 to {MAX_USERNAME} printable characters")

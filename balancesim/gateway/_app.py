@@ -63,6 +63,7 @@ def make_app(
     tick_interval_s: float = 0.5,
     executor_threads: int = 4,
     send_buffer_bytes: int | None = 256 * 1024,
+    trust_proxy: bool = False,
 ) -> GatewayApp:
     """Build the gateway for a started ``engine``; call on the IOLoop that will serve it.
 
@@ -76,6 +77,9 @@ def make_app(
         executor_threads: threads for blocking reads (SQLite, password hashing).
         send_buffer_bytes: caps each session socket's kernel send buffer (which
             otherwise autotunes to megabytes per session); ``None`` leaves it.
+        trust_proxy: the server sits behind a proxy the operator trusts: the
+            login limiter counts the client address that proxy appended to
+            ``X-Forwarded-For`` instead of the peer address.
 
     Returns:
         The application (``app.ctx`` is its shared ``Context``); ``app.close()``
@@ -83,14 +87,16 @@ def make_app(
     """
     metrics = Metrics()
     executor = ThreadPoolExecutor(executor_threads, thread_name_prefix="gateway")
-    hub = Hub(engine, metrics, executor=executor, tick_interval_s=tick_interval_s)
+    tokens = TokenStore(engine.ledger.path, ttl_s=token_ttl_s, executor=executor)
+    hub = Hub(engine, metrics, executor=executor, tokens=tokens, tick_interval_s=tick_interval_s)
     hub.start()
     ctx = Context(
         engine=engine,
-        tokens=TokenStore(engine.ledger.path, ttl_s=token_ttl_s, executor=executor),
+        tokens=tokens,
         hub=hub,
         metrics=metrics,
         limiter=LoginLimiter(limit=login_limit),
+        trust_proxy=trust_proxy,
         executor=executor,
         max_pending_bytes=max_pending_bytes,
         max_body_bytes=max_body_bytes,
@@ -99,7 +105,9 @@ def make_app(
     api: dict[str, Any] = {"ctx": ctx}
     routes = [
         (r"/api/login", h.LoginHandler, api),
+        (r"/api/logout", h.LogoutHandler, api),
         (r"/api/users", h.UsersHandler, api),
+        (r"/api/users/([0-9]+)", h.UserHandler, api),
         (r"/api/balance", h.BalanceHandler, api),
         (r"/api/users/([0-9]+)/balance", h.BalanceHandler, api),
         (r"/api/transactions", h.TransactionsHandler, api),
@@ -114,6 +122,7 @@ def make_app(
         (r"/api/spot/orders", h.SpotHandler, api),
         (r"/api/market", h.MarketHandler, api),
         (r"/healthz", h.HealthHandler, api),
+        (r"/readyz", h.ReadyHandler, api),
         (r"/metrics", h.MetricsHandler, api),
         (r"/ws", SessionHandler, api),
         (r"/", h.RootHandler, api),

@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 from balancesim.actors import connect
 from balancesim.vocabulary import is_admin
 
-__all__ = ["Principal", "TokenStore", "LoginLimiter"]
+__all__ = ["Principal", "TokenStore", "LoginLimiter", "digest_of"]
 
 # Tokens remembered in memory; older ones are read again from the ledger file.
 CACHE_MAX = 10_000
@@ -137,8 +137,38 @@ class TokenStore:
             while len(self._cache) > self.cache_max:
                 self._cache.popitem(last=False)
 
+    async def revoke(self, token: str) -> None:
+        """Kill one token at once (logout): gone from memory now, from the file off the loop."""
+        digest = _digest(token)
+        with self._cache_lock:
+            self._cache.pop(digest, None)
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._delete, "DELETE FROM sessions WHERE token_hash = ?", digest)
+
+    async def revoke_user(self, user_id: int) -> None:
+        """Kill every token of an account at once (disabled, or its role changed)."""
+        with self._cache_lock:
+            for digest in [d for d, (p, _) in self._cache.items() if p.user_id == user_id]:
+                del self._cache[digest]
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._delete, "DELETE FROM sessions WHERE user_id = ?", user_id)
+
+    def _delete(self, sql: str, value: object) -> None:
+        with self._db_lock, self._db.atomic():
+            self._db.execute(sql, (value,))
+        # A check that read the row just before the delete may have cached it again.
+        with self._cache_lock:
+            for digest in [d for d, (p, _) in self._cache.items()
+                           if (d == value if isinstance(value, str) else p.user_id == value)]:
+                del self._cache[digest]
+
     def close(self) -> None:
         self._db.close()
+
+
+def digest_of(token: str) -> str:
+    """What the store keeps of a token (and what a session remembers of its own)."""
+    return _digest(token)
 
 
 def _digest(token: str) -> str:
@@ -152,6 +182,7 @@ class LoginLimiter:
         self.limit = limit
         self.window_s = window_s
         self._failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._count = 0
 
     def blocked(self, address: str) -> bool:
         """Whether ``address`` has used up its failures for now."""
@@ -165,6 +196,19 @@ class LoginLimiter:
             del self._failures[address]
         return len(failures) >= self.limit
 
+    def retry_after_s(self, address: str) -> int:
+        """Whole seconds until ``address`` may try again (for ``Retry-After``)."""
+        failures = self._failures.get(address)
+        if not failures:
+            return 0
+        return max(1, int(failures[0] + self.window_s - time.monotonic()) + 1)
+
     def failed(self, address: str) -> None:
         """Count one failure."""
         self._failures[address].append(time.monotonic())
+        self._count += 1
+        if self._count % 1024 == 0:
+            # Addresses that failed once and never came back would stay for ever.
+            horizon = time.monotonic() - self.window_s
+            for stale in [a for a, f in self._failures.items() if not f or f[-1] < horizon]:
+                del self._failures[stale]

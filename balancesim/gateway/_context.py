@@ -37,6 +37,7 @@ class Context:
     max_pending_bytes: int = 1 << 20
     max_body_bytes: int = 64 * 1024
     send_buffer_bytes: int | None = None
+    trust_proxy: bool = False
     in_flight: int = 0
 
     async def blocking(self, func: Callable[..., T], *args: Any) -> T:

@@ -10,6 +10,7 @@ cannot keep up is closed by the session itself (4008) and never delays the rest.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -20,8 +21,9 @@ from typing import Any, Protocol
 
 from tornado.ioloop import IOLoop
 
-from balancesim.actors import Posted, PriceTicked, UserCreated
+from balancesim.actors import Posted, PriceTicked, UserCreated, UserUpdated
 from balancesim.engine import Engine
+from balancesim.gateway._auth import TokenStore
 from balancesim.gateway._metrics import Metrics
 from balancesim.routing import Audiences, Delivery, route
 
@@ -53,12 +55,14 @@ class Hub:
         engine: where events come from and usernames are looked up.
         metrics: counts messages by type.
         executor: where a missing username is read from the ledger.
+        tokens: revoked for an account whose role or disabled flag changes.
         tick_interval_s: the least time between two ``price_tick`` messages.
     """
 
     def __init__(self, engine: Engine, metrics: Metrics, *, executor: Executor | None = None,
-                 tick_interval_s: float = 0.5) -> None:
+                 tokens: TokenStore | None = None, tick_interval_s: float = 0.5) -> None:
         self.engine = engine
+        self.tokens = tokens
         self.metrics = metrics
         self.executor = executor
         self.tick_interval_s = tick_interval_s
@@ -134,8 +138,28 @@ class Hub:
                 continue
             if kind is UserCreated:
                 self._usernames[event.user_id] = event.username
+            elif kind is UserUpdated:
+                self._revoke(event.user_id)
             for delivery in route(event, self._usernames.get):
                 self._deliver(delivery)
+
+    def close_sessions(self, user_id: int, token_digest: str | None = None, *, code: int = 4001,
+                       reason: str = "logged out") -> int:
+        """Close the account's sessions (only those of one token, if given); how many."""
+        closing = [s for s in self.audiences.owners.get(user_id, ())
+                   if token_digest is None or getattr(s, "token_digest", None) == token_digest]
+        for session in closing:
+            self.remove(session)
+            session.close(code, reason)
+        return len(closing)
+
+    def _revoke(self, user_id: int) -> None:
+        # In event order, before the PATCH that caused it is answered (its reply
+        # reaches the loop after this batch): no request of the old role gets through.
+        if self.tokens is not None:
+            assert self.loop is not None
+            self.loop.add_future(asyncio.ensure_future(self.tokens.revoke_user(user_id)), _log_failure)
+        self.close_sessions(user_id, reason="the account was changed: log in again")
 
     def _resolve(self, user_ids: set[int]) -> None:
         """Read the names the hub lacks off the loop; the held batches wait for them."""
@@ -185,3 +209,8 @@ class Hub:
         self._tick_sent_at = time.monotonic()
         for delivery in route(tick, self._usernames.get):
             self._deliver(delivery)
+
+
+def _log_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.error("revoking tokens failed", exc_info=future.exception())

@@ -18,12 +18,12 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 from balancesim import errors
 from balancesim.actors import as_asyncio
 from balancesim.vocabulary import ADMIN_ROLES, MAY, ROLES
-from balancesim.gateway._auth import Principal
+from balancesim.gateway._auth import Principal, digest_of
 from balancesim.gateway._context import Context
 
 __all__ = [
     "AdminPageHandler", "AdminTradesHandler", "RootHandler", "StaticHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
-    "LoginHandler", "MarketHandler", "MetricsHandler", "MoneyHandler", "NotFoundHandler",
+    "LoginHandler", "LogoutHandler", "ReadyHandler", "UserHandler", "MarketHandler", "MetricsHandler", "MoneyHandler", "NotFoundHandler",
     "OptionsHandler", "SpotHandler", "TransactionsHandler", "UsersHandler",
 ]
 
@@ -98,6 +98,9 @@ class ApiHandler(JsonErrors):
         self.finish(json.dumps(body))
 
     def fail(self, error: errors.BalancesimError) -> None:
+        retry_after_s = getattr(error, "retry_after_s", None)
+        if retry_after_s is not None:
+            self.set_header("Retry-After", str(retry_after_s))
         self.answer(error.status, error.to_dict())
 
     # -- who -----------------------------------------------------------------------
@@ -106,7 +109,8 @@ class ApiHandler(JsonErrors):
         """The caller, if its token is live and its role is one of ``roles``."""
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        principal = await self.ctx.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+        self.token = token.strip()
+        principal = await self.ctx.tokens.check(self.token) if scheme.lower() == "bearer" else None
         if principal is None:
             raise errors.Unauthorized("a valid Bearer token is required")
         if principal.role not in roles:
@@ -180,18 +184,66 @@ class ApiHandler(JsonErrors):
 class LoginHandler(ApiHandler):
     @api
     async def post(self) -> Result:
-        address = self.request.remote_ip or "?"
+        address = self.client_address()
         if self.ctx.limiter.blocked(address):
-            raise errors.RateLimited("too many failed logins; try again in a minute")
+            raise errors.RateLimited("too many failed logins; try again in a minute",
+                                     retry_after_s=self.ctx.limiter.retry_after_s(address))
         body = self.body()
         username, password = self.field(body, "username", str), self.field(body, "password", str)
         user = await as_asyncio(self.ctx.engine.login(username, password))
         if user is None:
             self.ctx.limiter.failed(address)
             raise errors.Unauthorized("wrong username or password")
+        if user["disabled"]:
+            raise errors.Unauthorized("this account is disabled")
         principal = Principal(user["user_id"], user["username"], user["role"])
         token = await self.ctx.blocking(self.ctx.tokens.issue, principal)
         return 200, {"token": token, "user_id": principal.user_id, "role": principal.role}
+
+    def client_address(self) -> str:
+        """Whom the login limiter counts: the peer, or behind a trusted proxy the
+        address that proxy appended to ``X-Forwarded-For`` (the last one: what came
+        before it, the client could have written itself)."""
+        if self.ctx.trust_proxy:
+            forwarded = self.request.headers.get("X-Forwarded-For", "")
+            hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+            if hops:
+                return hops[-1]
+        return self.request.remote_ip or "?"
+
+
+class LogoutHandler(ApiHandler):
+    """The caller's token dies at once; the sessions opened with it are closed (4001)."""
+
+    @api
+    async def post(self) -> Result:
+        me = await self.who()
+        await self.ctx.tokens.revoke(self.token)
+        self.ctx.hub.close_sessions(me.user_id, digest_of(self.token))
+        self.set_status(204)
+        self.finish()
+        return None
+
+
+class UserHandler(ApiHandler):
+    """``PATCH /api/users/{id}``: a superadmin disables, re-enables or changes the role of an account."""
+
+    FIELDS = {"disabled": bool, "role": str}
+
+    @api
+    async def patch(self, raw_id: str) -> Result:
+        me = await self.who(MAY["manage_users"])
+        body = self.body()
+        unknown = sorted(set(body) - set(self.FIELDS))
+        if unknown:
+            raise errors.InvalidRequest(f"unknown field {unknown[0]!r}: give disabled, role or both")
+        changes = {name: self.field(body, name, kind, default=None) for name, kind in self.FIELDS.items()}
+        user_id = self.path_id(raw_id)
+        if user_id == me.user_id:
+            raise errors.Conflict("a superadmin cannot disable or change the role of its own account")
+        reply = self.ctx.engine.update_user(user_id, **changes, set_by=me.user_id,
+                                            idempotency_key=self.idempotency_key())
+        return await self.commit(reply, 200, "user_update")
 
 
 class UsersHandler(ApiHandler):
@@ -336,6 +388,16 @@ class HealthHandler(ApiHandler):
     @api
     async def get(self) -> Result:
         return 200, {"status": "ok"}
+
+
+class ReadyHandler(ApiHandler):
+    """For load balancers: 200 only while the engine takes commands (``/healthz``: the process is up)."""
+
+    @api
+    async def get(self) -> Result:
+        if not self.ctx.engine.ready():
+            raise errors.Unavailable("the engine is not running")
+        return 200, {"status": "ready"}
 
 
 class MetricsHandler(ApiHandler):

@@ -24,6 +24,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from balancesim import errors
 from balancesim.actors import iso
 from balancesim.views import balance_update
+from balancesim.gateway._auth import digest_of
 from balancesim.gateway._context import Context
 
 __all__ = ["SessionHandler", "MAX_FRAME_BYTES"]
@@ -62,7 +63,9 @@ class SessionHandler(WebSocketHandler):
         return True
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        self.principal = await self.ctx.tokens.check(self.get_query_argument("token", None))
+        token = self.get_query_argument("token", None)
+        self.principal = await self.ctx.tokens.check(token)
+        self.token_digest = digest_of(token) if token else None
         if self.principal is None:
             return self._refuse(errors.Unauthorized("a valid token is required"))
         since = self.get_query_argument("since", None)
