@@ -519,10 +519,15 @@ class Engine:
 
 
 def _lower_priority() -> None:
+    # SCHED_IDLE: the thread gets a core only when no other thread of the machine
+    # wants one, so scrypt never delays the IOLoop; nice 19 where that is refused.
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
-        pass  # not Linux, or not allowed: the thread runs at the process's priority
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass  # not Linux, or not allowed: the thread runs at the process's priority
 
 
 def _parsed(text: object, build: Callable[[int], Command], *, field: str = "amount",
