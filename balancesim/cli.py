@@ -51,6 +51,18 @@ def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr at ``level``; the access log (a line per request) only at debug."""
+    import logging
+
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tornado.access").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
 @click.group()
 @click.version_option(package_name="balancesim")
 def cli() -> None:
@@ -152,8 +164,10 @@ def ledger_audit(db_path: str, as_json: bool) -> None:
 @click.option("--demo", is_flag=True, help="On an empty database, create demo accounts and say so.")
 @click.option("--password-cost", type=click.IntRange(2, 2**20), default=2**14, show_default=True,
               help="scrypt N for new passwords (a power of two); lower only for throwaway load users.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+              help="On stderr. info: one line per mutation, warning: per refusal, debug: per request too.")
 def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | None, demo: bool,
-          password_cost: int) -> None:
+          password_cost: int, log_level: str) -> None:
     """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0.
 
     Exit 2, having changed nothing, when the port is busy or the ledger cannot be opened.
@@ -163,6 +177,7 @@ def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | Non
 
     if password_cost & (password_cost - 1):
         raise click.BadParameter("must be a power of two", param_hint="--password-cost")
+    configure_logging(log_level)
     try:
         run(ServeOptions(host, port, db_path, time_scale, seed, demo, password_cost=password_cost), echo=click.echo)
     except CannotStart as error:

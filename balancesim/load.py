@@ -42,7 +42,7 @@ PERCENTILES = (50, 90, 99, 99.9)
 # The change types of the mutations load makes itself, so the ones it waits to see delivered.
 TIMED = frozenset({"deposit", "spot_buy", "spot_sell", "option_stake"})
 # Throwaway users: a cheap scrypt cost lets 1,000 of them log in within seconds.
-EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024")
+EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024", "--log-level", "warning")
 SETUP_CONCURRENCY = 32
 CHART_POINTS = 300
 

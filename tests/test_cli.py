@@ -214,3 +214,43 @@ def test_a_wrong_admin_password_is_one_line_and_exit_2_not_a_failed_verdict(serv
             f"Error: {server.url} refused the login of 'superadmin': wrong username or password "
             "(see --admin-user and --admin-password)"
         ), command
+
+
+# -- serve's output and log ---------------------------------------------------------------
+
+
+def test_serve_prints_the_dashboard_after_the_listening_line_and_logs_without_secrets(serve):
+    import asyncio
+
+    from balancesim.client import ApiError, Client
+
+    server = serve("--demo", "--time-scale", "0.01", "--password-cost", "1024")
+    assert server.process.stdout.readline() == f"dashboard: {server.url}/admin\n"
+
+    async def work() -> list[str]:
+        boss = await Client.login(server.url, "superadmin", "superadmin123")
+        alice = await Client.login(server.url, "alice", "alice123")
+        with pytest.raises(ApiError):
+            await Client.login(server.url, "alice", "not-alices-password")
+        await boss.deposit(alice.user_id, "250.5", description="gift")
+        await alice.spot("BTCUSDT", "buy", "0.0001")
+        await alice.open_option("BTCUSDT", "up", "5", 30)
+        with pytest.raises(ApiError):
+            await boss.withdraw(alice.user_id, "999999")
+        return [boss.token, alice.token]
+
+    tokens = asyncio.run(work())
+    assert server.stop() == 0
+    log = server.log()
+    for secret in [*tokens, "superadmin123", "alice123", "not-alices-password"]:
+        assert secret not in log
+    lines = log.splitlines()
+    deposit = next(line for line in lines if "deposit committed" in line)
+    assert " INFO balancesim.ops: deposit committed account=3 amount=250.5 USDT version=2 latency=" in deposit
+    assert deposit.endswith("ms")
+    assert any("spot committed account=3 amount=0.0001 BTCUSDT buy version=4 order=S3-3" in line for line in lines)
+    assert any("option committed account=3 amount=5 USDT version=5 trade=T3-5" in line for line in lines)
+    assert any(" WARNING balancesim.ops: POST /api/admin/withdrawals refused 409 insufficient_funds account=3 "
+               "amount='999999' by=1 latency=" in line for line in lines)
+    assert any(" WARNING balancesim.ops: POST /api/login refused 401 unauthorized " in line for line in lines)
+    assert not any("tornado.access" in line for line in lines)  # per-request lines only at --log-level debug

@@ -18,6 +18,7 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 from balancesim import errors
 from balancesim.actors import as_asyncio
 from balancesim.auth import MAY, ROLES
+from balancesim.gateway import _oplog
 from balancesim.gateway._auth import Principal
 from balancesim.gateway._context import Context
 
@@ -72,6 +73,7 @@ class ApiHandler(JsonErrors):
         self._chunks: list[bytes] = []
         self._size = 0
         self._started = time.perf_counter()
+        self._caller: int | None = None
 
     def prepare(self) -> None:
         self.ctx.in_flight += 1
@@ -98,6 +100,8 @@ class ApiHandler(JsonErrors):
         self.finish(json.dumps(body))
 
     def fail(self, error: errors.BalancesimError) -> None:
+        body = b"".join(self._chunks) if self._size <= self.ctx.max_body_bytes else b""
+        _oplog.refused(self.request.method, self.request.path, error, self._started, self._caller, body)
         self.answer(error.status, error.to_dict())
 
     # -- who -----------------------------------------------------------------------
@@ -109,6 +113,7 @@ class ApiHandler(JsonErrors):
         principal = self.ctx.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
         if principal is None:
             raise errors.Unauthorized("a valid Bearer token is required")
+        self._caller = principal.user_id
         if principal.role not in roles:
             raise errors.Forbidden(f"this needs the role {' or '.join(roles)}")
         return principal
@@ -167,6 +172,7 @@ class ApiHandler(JsonErrors):
         """Await an engine reply (without blocking the loop) and count the mutation."""
         result = await as_asyncio(reply)
         self.ctx.metrics.mutations.labels(kind).inc()
+        _oplog.committed(kind, result, self._started)
         return status, result
 
     def target(self, raw_id: str | None) -> int:
