@@ -44,7 +44,7 @@ def render_chart(report: dict[str, Any]) -> str:
         f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<body style='font-family:system-ui,sans-serif;max-width:860px;margin:1em auto;color:#111'>"
         f"<h1 style='font-size:1.4em'>{html.escape(title)}</h1>"
-        f"<p>{report['ok_ops']} operations ({report['throughput_ops_per_s']}/s), {report['errors']} refused; "
+        f"<p>{report['ok_ops']} operations ({report['throughput_ops_per_s']}/s), {report.get('refused', 0)} refused, {report['errors']} errors; "
         f"setup {report['setup_s']} s; {verdict['messages']} messages to {verdict['sessions']} sessions, "
         f"{verdict['reconnects']} reconnects; {html.escape(verdict.get('ledger', ''))}</p>"
         + _problems(verdict)

@@ -97,14 +97,16 @@ def scenario_run(name_or_path: str, seed: int | None, as_json: bool, url: str | 
 @click.option("--mix", default="option=5,spot=3,deposit=2,control=1", show_default=True, help="Operation weights.")
 @click.option("--think", "think_s", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Mean seconds between one user's operations.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full JSON report (as --report writes it) instead of the summary.")
 @remote_options
 def load(users: int, duration: float, url: str | None, report_path: str | None, mix: str, think_s: float,
-         admin_user: str, admin_password: str, db_path: str | None) -> None:
-    """Multi-user load over real HTTP and WebSocket connections; prints a report.
+         as_json: bool, admin_user: str, admin_password: str, db_path: str | None) -> None:
+    """Multi-user load over real HTTP and WebSocket connections; prints a summary: operations
+    with their ok, refused and error counts, throughput, latency percentiles and the verdict.
 
     Exit 0 when every session stayed in sync, 1 when not, 130 on Ctrl-C (after the report).
     """
-    from balancesim.load import LoadOptions, parse_mix, run_load, summary, write_report
+    from balancesim.load import LoadOptions, parse_mix, render_text, run_load, write_report
 
     try:
         weights = parse_mix(mix)
@@ -114,12 +116,12 @@ def load(users: int, duration: float, url: str | None, report_path: str | None, 
     def progress(elapsed: float, totals: dict[str, int]) -> None:
         done = min(1.0, elapsed / duration)
         click.echo(f"\r[{'#' * int(done * 30):<30}] {elapsed:5.0f}/{duration:.0f} s  {totals['ok']} ok  "
-                   f"{totals['errors']} refused", nl=False, err=True)
+                   f"{totals['refused']} refused  {totals['errors']} errors", nl=False, err=True)
 
     options = LoadOptions(users, duration, url, admin_user, admin_password, weights, think_s, db_path, progress)
     report = reaching(url, run_load(options), admin_user)
     click.echo("", err=True)
-    click.echo(json.dumps(summary(report), indent=2))
+    click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
     if report_path:
         chart = write_report(report, report_path)
         click.echo(f"report: {report_path}, chart: {chart}", err=True)
