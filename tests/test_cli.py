@@ -221,11 +221,17 @@ def test_a_wrong_admin_password_is_one_line_and_exit_2_not_a_failed_verdict(serv
 
 def test_serve_prints_the_dashboard_after_the_listening_line_and_logs_without_secrets(serve):
     import asyncio
+    import threading
 
     from balancesim.client import ApiError, Client
 
     server = serve("--demo", "--time-scale", "0.01", "--password-cost", "1024")
-    assert server.process.stdout.readline() == f"dashboard: {server.url}/admin\n"
+    # Read in a thread: a server that never prints the line must fail the test, not hang it.
+    following: list[str] = []
+    reader = threading.Thread(target=lambda: following.append(server.process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert following == [f"dashboard: {server.url}/admin\n"]
 
     async def work() -> list[str]:
         boss = await Client.login(server.url, "superadmin", "superadmin123")
