@@ -57,7 +57,7 @@ def render_chart(report: dict[str, Any]) -> str:
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
         "<body>"
         f"<h1>{html.escape(title)}</h1>"
-        f"<p>{report['ok_ops']} operations ({report['throughput_ops_per_s']}/s), {report['errors']} refused; "
+        f"<p>{report['ok_ops']} operations ({report['throughput_ops_per_s']}/s), {report.get('refused', 0)} refused, {report['errors']} errors; "
         f"setup {report['setup_s']} s; {verdict['messages']} messages to {verdict['sessions']} sessions, "
         f"{verdict['reconnects']} reconnects; {html.escape(verdict.get('ledger', ''))}</p>"
         + _problems(verdict)

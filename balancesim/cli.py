@@ -13,6 +13,7 @@ import click
 from balancesim import errors, reports
 from balancesim.actors import connect, create_schema, insert_user
 from balancesim.auth import ROLES, hash_password
+from balancesim.cliutil import InputError, ledger_file_errors
 
 __all__ = ["cli"]
 
@@ -26,11 +27,10 @@ def db_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def existing_db_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--db F``: a ledger file that must exist."""
-    return click.option(
-        "--db", "db_path", required=True, type=click.Path(exists=True, dir_okay=False),
-        help="The SQLite ledger file.",
-    )(func)
+    """``--db F``: a ledger file that must exist (checked by ``ledger_file_errors``, in one line)."""
+    return click.option("--db", "db_path", required=True, help="The SQLite ledger file.")(
+        ledger_file_errors(func)
+    )
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,16 +39,28 @@ def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def domain_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Map domain and file errors to a one-line ``Error: …`` and exit 1."""
+    """Map domain errors (a taken name, an unknown user) to a one-line ``Error: …`` and exit 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (errors.BalancesimError, FileNotFoundError) as error:
+        except errors.BalancesimError as error:
             raise click.ClickException(str(error)) from error
 
     return wrapper
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr at ``level``; the access log (a line per request) only at debug."""
+    import logging
+
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tornado.access").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 @click.group()
@@ -70,12 +82,18 @@ def users() -> None:
 @domain_errors
 def users_create(db_path: str, username: str, password: str, role: str) -> None:
     """Create an account and print its user_id (a server may be running on the file)."""
+    import sqlite3
     import time
 
-    db = connect(db_path)
-    create_schema(db)
-    user_id = insert_user(db, username, role, hash_password(password), time.time())
-    db.close()
+    try:
+        db = connect(db_path)
+        create_schema(db)
+    except sqlite3.Error as error:
+        raise InputError(f"cannot use {db_path} as a ledger: {error}") from None
+    try:
+        user_id = insert_user(db, username, role, hash_password(password), time.time())
+    finally:
+        db.close()
     click.echo(user_id)
 
 
@@ -146,15 +164,24 @@ def ledger_audit(db_path: str, as_json: bool) -> None:
 @click.option("--demo", is_flag=True, help="On an empty database, create demo accounts and say so.")
 @click.option("--password-cost", type=click.IntRange(2, 2**20), default=2**14, show_default=True,
               help="scrypt N for new passwords (a power of two); lower only for throwaway load users.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+              help="On stderr. info: one line per mutation, warning: per refusal, debug: per request too.")
 def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | None, demo: bool,
-          password_cost: int) -> None:
-    """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0."""
-    from balancesim.gateway import ServeOptions
+          password_cost: int, log_level: str) -> None:
+    """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0.
+
+    Exit 2, having changed nothing, when the port is busy or the ledger cannot be opened.
+    """
+    from balancesim.gateway import CannotStart, ServeOptions
     from balancesim.gateway import serve as run
 
     if password_cost & (password_cost - 1):
         raise click.BadParameter("must be a power of two", param_hint="--password-cost")
-    run(ServeOptions(host, port, db_path, time_scale, seed, demo, password_cost=password_cost), echo=click.echo)
+    configure_logging(log_level)
+    try:
+        run(ServeOptions(host, port, db_path, time_scale, seed, demo, password_cost=password_cost), echo=click.echo)
+    except CannotStart as error:
+        raise InputError(str(error)) from None
 
 
 @cli.command()

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-__all__ = ["ApiError", "Client", "Session", "Stream", "Unreachable", "OWN_TYPES", "configure_http", "out_of_sync"]
+__all__ = ["ApiError", "Client", "LoginRefused", "Session", "Stream", "Unreachable", "OWN_TYPES", "configure_http", "out_of_sync"]
 
 OWN_TYPES = ("balance_update", "trade_update", "trading_control_update")
 UNAUTHORIZED_CLOSE = 4001
@@ -66,6 +66,14 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+class LoginRefused(ApiError):
+    """``/api/login`` said no (401 wrong credentials, 429 too many tries): which user, where."""
+
+    def __init__(self, base_url: str, username: str, error: ApiError) -> None:
+        super().__init__(error.status, error.code, error.message)
+        self.base_url, self.username = base_url, username
+
+
 class Client:
     """One logged-in principal.
 
@@ -83,9 +91,12 @@ class Client:
 
     @classmethod
     async def login(cls, base_url: str, username: str, password: str) -> Client:
-        """Log in; raises ``ApiError`` (401, 429) on refusal."""
+        """Log in; raises ``LoginRefused`` (an ``ApiError``: 401, 429) on refusal."""
         client = cls(base_url)
-        body = await client.request("POST", "/api/login", {"username": username, "password": password})
+        try:
+            body = await client.request("POST", "/api/login", {"username": username, "password": password})
+        except ApiError as error:
+            raise LoginRefused(client.base_url, username, error) from None
         client.token, client.user_id, client.role = body["token"], body["user_id"], body["role"]
         return client
 

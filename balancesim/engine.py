@@ -141,6 +141,9 @@ class Engine:
             self.clock, self.bus, self.submit, self.board,
             open_trades=tuple(self.ledger.trades(status="open")), seed=self.seed,
         )
+        # The market starts its ticker in on_start, on its own thread: wait for it, so
+        # that a virtual clock advanced right after start() does tick.
+        market_sync(self._market)
         return self
 
     def stop(self) -> None:

@@ -35,14 +35,21 @@ from balancesim.charts import render_chart
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
 
-__all__ = ["LoadOptions", "run_load", "render_chart", "write_report", "summary", "DEFAULT_MIX", "parse_mix"]
+__all__ = [
+    "LoadOptions", "run_load", "render_chart", "render_text", "write_report", "summary", "DEFAULT_MIX",
+    "REFUSALS", "parse_mix", "tally",
+]
 
 DEFAULT_MIX = {"option": 5, "spot": 3, "deposit": 2, "control": 1}
 PERCENTILES = (50, 90, 99, 99.9)
+# Business refusals: what PROTOCOL.md promises for a valid request the account's state does not
+# allow (selling BTC it has not bought). They are counted apart from errors: a 5xx, a timeout,
+# an unreachable server or any other refusal means something is wrong.
+REFUSALS = frozenset({"insufficient_funds", "conflict"})
 # The change types of the mutations load makes itself, so the ones it waits to see delivered.
 TIMED = frozenset({"deposit", "spot_buy", "spot_sell", "option_stake"})
 # Throwaway users: a cheap scrypt cost lets 1,000 of them log in within seconds.
-EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024")
+EMBEDDED_ARGS = ("--demo", "--time-scale", "0.05", "--password-cost", "1024", "--log-level", "warning")
 SETUP_CONCURRENCY = 32
 CHART_POINTS = 300
 
@@ -71,7 +78,7 @@ class LoadOptions:
         mix: operation → weight (see ``DEFAULT_MIX``).
         think_s: mean seconds between one user's operations.
         db: the server's ledger file, to run ``ledger verify`` on (embedded: set for you).
-        progress: called about once a second with the elapsed seconds and ``{ok, errors}``.
+        progress: called about once a second with the elapsed seconds and ``{ok, refused, errors}``.
     """
 
     users: int
@@ -272,7 +279,7 @@ class Run:
             "users": self.o.users, "sessions": len(self.sessions), "duration_s": round(elapsed, 2),
             "setup_s": round(setup_s, 2), "interrupted": interrupted, "mix": self.o.mix,
             "operations": {kind: dict(counts) for kind, counts in self.ops.items()},
-            "ok_ops": totals["ok"], "errors": totals["errors"],
+            "ok_ops": totals["ok"], "refused": totals["refused"], "errors": totals["errors"],
             "throughput_ops_per_s": round(totals["ok"] / max(elapsed, 1e-9), 1),
             "http_latency": self.http.summary(), "delivery_latency": self.delivery.summary(),
             "undelivered": len(self.sent), "verdict": verdict,
@@ -293,8 +300,17 @@ class Run:
             raise task.exception()
 
     def totals(self) -> dict[str, int]:
-        ok = sum(c["ok"] for c in self.ops.values())
-        return {"ok": ok, "errors": sum(sum(c.values()) for c in self.ops.values()) - ok}
+        return tally(self.ops.values())
+
+
+def tally(outcomes: Iterable[dict[str, int]]) -> dict[str, int]:
+    """``ok``, ``refused`` (business refusals, see ``REFUSALS``) and ``errors`` (the rest) of
+    outcome counters such as ``{"ok": 12, "insufficient_funds": 3, "timeout": 1}``."""
+    totals = {"ok": 0, "refused": 0, "errors": 0}
+    for counts in outcomes:
+        for outcome, n in counts.items():
+            totals["ok" if outcome == "ok" else "refused" if outcome in REFUSALS else "errors"] += n
+    return totals
 
 
 def delivery_key(message: dict[str, Any]) -> str:
@@ -345,6 +361,34 @@ def _verify_ledger(report: dict[str, Any], db: str | None) -> None:
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The report without its chart data, as printed."""
     return {k: v for k, v in report.items() if k not in ("series", "distribution")}
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report as a person reads it: operations, throughput, latency percentiles, verdict."""
+    verdict = report["verdict"]
+    where = f", against {report['server']}" if report.get("server") else ""
+    lines = [f"load: {report['users']} users for {report['duration_s']:g} s after {report['setup_s']:g} s of setup"
+             f"{where}" + (" (interrupted)" if report["interrupted"] else ""), ""]
+    lines.append(f"{'operation':<12}{'ok':>10}{'refused':>10}{'errors':>10}")
+    for kind, counts in sorted(report["operations"].items()):
+        row = tally([counts])
+        detail = ", ".join(f"{code} × {n}" for code, n in sorted(counts.items()) if code != "ok")
+        lines.append(f"{kind:<12}{row['ok']:>10}{row['refused']:>10}{row['errors']:>10}"
+                     + (f"   {detail}" if detail else ""))
+    lines.append(f"{'total':<12}{report['ok_ops']:>10}{report['refused']:>10}{report['errors']:>10}")
+    lines += ["", f"throughput: {report['throughput_ops_per_s']:g} ok operations/s", ""]
+    keys = [f"p{p:g}_ms" for p in PERCENTILES] + ["max_ms"]
+    lines.append(f"{'latency (ms)':<24}" + "".join(f"{k.removesuffix('_ms'):>9}" for k in keys) + f"{'count':>9}")
+    for name, label in (("http_latency", "HTTP"), ("delivery_latency", "mutation → delivery")):
+        stats = report[name]
+        lines.append(f"{label:<24}" + "".join(f"{stats.get(k, '–'):>9}" for k in keys) + f"{stats['count']:>9}")
+    lines += ["", f"sessions {verdict['sessions']}, messages {verdict['messages']}, "
+                  f"reconnects {verdict['reconnects']}, undelivered {report['undelivered']}"]
+    lines.append(f"verdict: {'in sync' if verdict['ok'] else 'OUT OF SYNC'}")
+    lines += [f"  - {problem}" for problem in verdict["problems"][:20]]
+    if verdict.get("ledger"):
+        lines.append(verdict["ledger"])
+    return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], path: str) -> str:

@@ -13,32 +13,44 @@ class ServerProcess:
     """A server on ``db``; ``args`` are extra ``serve`` options.
 
     ``start()`` returns once the server printed its ``listening on`` line, so it
-    answers ``/healthz``; ``port`` and ``url`` are then known.
+    answers ``/healthz``; ``port`` and ``url`` are then known. The server's log
+    (its stderr) goes to ``log_path``, by default the ledger's path plus ``.log``.
     """
 
-    def __init__(self, db: str, *args: str) -> None:
+    def __init__(self, db: str, *args: str, log_path: str | None = None) -> None:
         self.db, self.args = db, args
+        self.log_path = log_path or f"{db}.log"
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.url = ""
         self.output: list[str] = []
 
     def start(self, port: int | None = None) -> ServerProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "balancesim.cli", "serve", "--port", str(self.port if port is None else port),
-             "--db", self.db, *self.args],
-            # Its own session: a Ctrl-C at the terminal reaches only the parent, which
-            # stops the server itself once it has finished reporting on it.
-            stdout=subprocess.PIPE, text=True, start_new_session=True,
-        )
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "balancesim.cli", "serve", "--port", str(self.port if port is None else port),
+                 "--db", self.db, *self.args],
+                # Its own session: a Ctrl-C at the terminal reaches only the parent, which
+                # stops the server itself once it has finished reporting on it.
+                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+            )
         assert self.process.stdout is not None
         while not (line := self.process.stdout.readline()).startswith("listening on "):
             if not line:
-                raise RuntimeError(f"balancesim serve did not start: {''.join(self.output)}")
+                self.process.wait()
+                raise RuntimeError(f"balancesim serve did not start: {''.join(self.output)}{self.log()[-4000:]}")
             self.output.append(line)
         self.url = line.split()[-1]
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
+
+    def log(self) -> str:
+        """What the server has logged so far."""
+        try:
+            with open(self.log_path) as log:
+                return log.read()
+        except FileNotFoundError:
+            return ""
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

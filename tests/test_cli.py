@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import click
 import pytest
@@ -11,6 +12,9 @@ from click.testing import CliRunner
 
 from balancesim.cli import cli
 from tests.conftest import TIMEOUT_S, new_user
+from tests.serve_process import serve  # noqa: F401 - fixture
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def all_commands(group: click.Group, prefix: tuple[str, ...] = ()):
@@ -134,3 +138,125 @@ def test_ledger_verify_reads_one_snapshot_while_a_server_keeps_committing(make_e
         worker.join()
     assert all(report.ok for report in reports), next(r.text() for r in reports if not r.ok)
     assert reports[-1].trades > 0
+
+
+# -- failing politely: one sentence on stderr and exit 2, never a traceback -----------------
+
+
+def one_line_error(result) -> str:
+    """The single ``Error: …`` line a refused command printed on stderr (and nothing on stdout)."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["verify"], ["history", "--user", "1"], ["audit"]], ids=" ".join)
+def test_a_file_that_is_not_a_database_is_one_line_and_exit_2(command):
+    readme = str(README)
+    line = one_line_error(CliRunner().invoke(cli, ["ledger", *command, "--db", readme]))
+    assert line == f"Error: {readme} is not a balancesim ledger: file is not a database"
+
+
+def test_a_missing_or_foreign_ledger_file_is_one_line_and_exit_2(tmp_path):
+    missing = CliRunner().invoke(cli, ["ledger", "verify", "--db", "/no/such/file"])
+    assert one_line_error(missing) == "Error: /no/such/file: no such file"
+    foreign = tmp_path / "other.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE t (x)").connection.close()
+    assert one_line_error(CliRunner().invoke(cli, ["ledger", "audit", "--db", str(foreign)])) == (
+        f"Error: {foreign} is not a balancesim ledger"
+    )
+    assert "is a directory" in one_line_error(CliRunner().invoke(cli, ["ledger", "verify", "--db", str(tmp_path)]))
+
+
+def test_serve_with_a_ledger_in_a_missing_directory_is_one_line_and_exit_2():
+    result = CliRunner().invoke(cli, ["serve", "--port", "0", "--db", "/no/such/dir/x.db"])
+    assert one_line_error(result) == (
+        "Error: cannot open the ledger /no/such/dir/x.db: the directory /no/such/dir does not exist"
+    )
+    readme = str(README)
+    result = CliRunner().invoke(cli, ["serve", "--port", "0", "--db", readme])
+    assert one_line_error(result) == f"Error: cannot open the ledger {readme}: file is not a database"
+
+
+def test_serve_on_a_busy_port_says_so_before_it_touches_the_ledger(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    db = tmp_path / "busy.db"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "balancesim.cli", "serve", "--demo", "--port", str(port), "--db", str(db)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert not db.exists()  # no ledger opened, no demo accounts made
+
+
+@pytest.mark.parametrize("command", [["scenario", "run", "options-trade"], ["load", "--users", "1", "--duration", "1"]],
+                         ids=lambda c: c[0])
+def test_a_url_without_a_scheme_is_one_line_and_exit_2(command):
+    line = one_line_error(CliRunner().invoke(cli, [*command, "--url", "127.0.0.1:3000"]))
+    assert line == "Error: --url '127.0.0.1:3000' needs a scheme and a host, like http://127.0.0.1:3000"
+
+
+def test_a_wrong_admin_password_is_one_line_and_exit_2_not_a_failed_verdict(serve):
+    server = serve("--demo", "--time-scale", "0.01")
+    for command in (["scenario", "run", "options-trade"], ["load", "--users", "1", "--duration", "1"]):
+        result = CliRunner().invoke(cli, [*command, "--url", server.url, "--admin-password", "nope"])
+        assert one_line_error(result) == (
+            f"Error: {server.url} refused the login of 'superadmin': wrong username or password "
+            "(see --admin-user and --admin-password)"
+        ), command
+
+
+# -- serve's output and log ---------------------------------------------------------------
+
+
+def test_serve_prints_the_dashboard_after_the_listening_line_and_logs_without_secrets(serve):
+    import asyncio
+    import threading
+
+    from balancesim.client import ApiError, Client
+
+    server = serve("--demo", "--time-scale", "0.01", "--password-cost", "1024")
+    # Read in a thread: a server that never prints the line must fail the test, not hang it.
+    following: list[str] = []
+    reader = threading.Thread(target=lambda: following.append(server.process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert following == [f"dashboard: {server.url}/admin\n"]
+
+    async def work() -> list[str]:
+        boss = await Client.login(server.url, "superadmin", "superadmin123")
+        alice = await Client.login(server.url, "alice", "alice123")
+        with pytest.raises(ApiError):
+            await Client.login(server.url, "alice", "not-alices-password")
+        await boss.deposit(alice.user_id, "250.5", description="gift")
+        await alice.spot("BTCUSDT", "buy", "0.0001")
+        await alice.open_option("BTCUSDT", "up", "5", 30)
+        with pytest.raises(ApiError):
+            await boss.withdraw(alice.user_id, "999999")
+        return [boss.token, alice.token]
+
+    tokens = asyncio.run(work())
+    assert server.stop() == 0
+    log = server.log()
+    for secret in [*tokens, "superadmin123", "alice123", "not-alices-password"]:
+        assert secret not in log
+    lines = log.splitlines()
+    deposit = next(line for line in lines if "deposit committed" in line)
+    assert " INFO balancesim.ops: deposit committed account=3 amount=250.5 USDT version=2 latency=" in deposit
+    assert deposit.endswith("ms")
+    assert any("spot committed account=3 amount=0.0001 BTCUSDT buy version=4 order=S3-3" in line for line in lines)
+    assert any("option committed account=3 amount=5 USDT version=5 trade=T3-5" in line for line in lines)
+    assert any(" WARNING balancesim.ops: POST /api/admin/withdrawals refused 409 insufficient_funds account=3 "
+               "amount='999999' by=1 latency=" in line for line in lines)
+    assert any(" WARNING balancesim.ops: POST /api/login refused 401 unauthorized " in line for line in lines)
+    assert not any("tornado.access" in line for line in lines)  # per-request lines only at --log-level debug

@@ -11,6 +11,7 @@ import sys
 from click.testing import CliRunner
 
 from balancesim.cli import cli
+from balancesim.load import REFUSALS, tally
 
 
 def test_fifty_users_for_a_few_seconds_produce_a_report_whose_verdict_holds(tmp_path):
@@ -19,6 +20,20 @@ def test_fifty_users_for_a_few_seconds_produce_a_report_whose_verdict_holds(tmp_
                                       "--report", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
+    # Refusals the protocol promises (selling BTC not bought yet) are not errors.
+    ops = report["operations"]
+    assert report["errors"] == 0, ops
+    assert report["refused"] == sum(n for counts in ops.values() for code, n in counts.items() if code in REFUSALS)
+    # The readable summary on stdout: the table, the throughput, the percentiles, the verdict.
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("load: 50 users for ") and "of setup, against http://127.0.0.1:" in lines[0]
+    assert lines[2].split() == ["operation", "ok", "refused", "errors"]
+    assert sorted(line.split()[0] for line in lines[3:7]) == ["control", "deposit", "option", "spot"]
+    assert lines[7].split()[:4] == ["total", str(report["ok_ops"]), str(report["refused"]), "0"]
+    assert f"throughput: {report['throughput_ops_per_s']:g} ok operations/s" in lines
+    assert any(line.split()[:7] == ["latency", "(ms)", "p50", "p90", "p99", "p99.9", "max"] for line in lines)
+    assert any(line.startswith("HTTP ") for line in lines) and "verdict: in sync" in lines
+    assert lines[-1].startswith("ledger OK")
     assert report["verdict"]["ok"] and report["verdict"]["problems"] == []
     assert report["verdict"]["sessions"] == 50 and report["verdict"]["ledger"].startswith("ledger OK")
     assert report["ok_ops"] > 100 and set(report["operations"]) == {"option", "spot", "deposit", "control"}
@@ -43,7 +58,7 @@ def test_ctrl_c_stops_the_clients_prints_the_report_so_far_and_exits_130(tmp_pat
     # Its own process group, which gets the SIGINT as a terminal's Ctrl-C would deliver it:
     # the embedded server must not die under the clients before the verdict.
     process = subprocess.Popen(
-        [sys.executable, "-m", "balancesim.cli", "load", "--users", "5", "--duration", "60"],
+        [sys.executable, "-m", "balancesim.cli", "load", "--users", "5", "--duration", "60", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     progress = ""
@@ -56,6 +71,7 @@ def test_ctrl_c_stops_the_clients_prints_the_report_so_far_and_exits_130(tmp_pat
     assert process.returncode == 130
     report = json.loads(out)
     assert report["interrupted"] and report["duration_s"] < 60
+    assert {"refused", "errors", "series", "distribution"} <= set(report)  # --json: the full report
     assert report["verdict"]["ok"] and report["verdict"]["ledger"].startswith("ledger OK")
 
 
@@ -64,3 +80,8 @@ def test_an_unreachable_url_is_a_clean_error_with_exit_2():
     assert result.exit_code == 2
     assert result.output.startswith("Error: cannot reach http://127.0.0.1:9: ")
     assert "Traceback" not in result.output
+
+
+def test_business_refusals_are_counted_apart_from_errors():
+    counts = [{"ok": 10, "insufficient_funds": 3}, {"ok": 2, "conflict": 1, "timeout": 4, "Unreachable": 1}]
+    assert tally(counts) == {"ok": 12, "refused": 4, "errors": 5}

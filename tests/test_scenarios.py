@@ -73,6 +73,11 @@ def test_a_broken_expectation_fails_with_a_readable_report(tmp_path):
         ("[participants]\nann = { role = 'user' }\n\n[[steps]]\nexpect = 'message'\nwho = 'ann'\ntype = 'x'\nfields = 3\n", 4, "step 1: fields must be a table"),
         ("seed = 1\n\n[crowd]\ncount = 0\n", 3, "crowd needs count = 1 to"),
         ("participants = 'ann'\n", 1, "participants must be a table"),
+        ("[participants]\nann = { role = 'user' }\nboss = { role = 'superadmin' }\n\n[[steps]]\ndo = 'deposit'\n"
+         "as = 'boss'\nto = 'ann'\namount = 'abc'\n", 9, 'step 1: amount = "abc" is not a decimal string like "100.5"'),
+        ("[participants]\nann = { role = 'user', deposit = '10' }\n\n[[steps]]\nadvance = 1\n\n[[steps]]\ndo = 'spot'\n"
+         "as = 'ann'\nsymbol = 'BTCUSDT'\nquantity = 1\nside = 'buy'\n", 11, "step 2: quantity = 1 is not a decimal string"),
+        ("[participants]\nann = { role = 'user', deposit = '1e3' }\n", 2, "participant 'ann': deposit must be a decimal string"),
     ],
 )
 def test_a_malformed_file_names_the_file_the_line_and_the_problem(tmp_path, text, line, problem):
@@ -82,6 +87,40 @@ def test_a_malformed_file_names_the_file_the_line_and_the_problem(tmp_path, text
     assert result.exit_code == 2
     assert result.output.startswith(f"Error: {path}:{line}: ")
     assert problem in result.output
+
+
+def test_a_step_expecting_invalid_amount_may_send_a_malformed_amount(tmp_path):
+    path = tmp_path / "refused.toml"
+    path.write_text("[participants]\nann = { role = 'user' }\nboss = { role = 'superadmin' }\n\n[[steps]]\n"
+                    "do = 'deposit'\nas = 'boss'\nto = 'ann'\namount = 'abc'\nerror = 'invalid_amount'\n")
+    result = run(str(path))
+    assert result.exit_code == 0, result.output
+
+
+def test_an_unknown_scenario_name_lists_the_names_and_exits_2():
+    result = run("nosuch")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "Error: no scenario named 'nosuch'; the shipped ones are comprehensive, options-trade, spot-trading, "
+        "superadmin-deposit, trading-control, virtual-day (or give the path of a .toml file)\n"
+    )
+
+
+def test_the_readme_documents_every_step_field():
+    from pathlib import Path
+
+    from balancesim.scenarios._model import COMMON, EXPECTS, OPS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Scenarios", 1)[1].split("\n## ", 1)[0]
+    for kind, table in (("do", OPS), ("expect", EXPECTS)):
+        for name, (required, optional) in table.items():
+            row = next((line for line in section.splitlines() if line.startswith(f"| `{kind} = \"{name}\"`")), None)
+            assert row, f"no row for {kind} = {name!r}"
+            for key in required | optional:
+                assert f"`{key}`" in row, (name, key)
+    for key in ("advance", "save", *COMMON):
+        assert f"`{key}`" in section, key
 
 
 def test_an_unreachable_url_is_a_clean_error_with_exit_2():

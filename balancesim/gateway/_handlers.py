@@ -17,9 +17,10 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 
 from balancesim import errors
 from balancesim.actors import as_asyncio
-from balancesim.vocabulary import ADMIN_ROLES, MAY, ROLES
+from balancesim.gateway import _oplog
 from balancesim.gateway._auth import Principal, digest_of
 from balancesim.gateway._context import Context
+from balancesim.vocabulary import ADMIN_ROLES, MAY, ROLES
 
 __all__ = [
     "AdminPageHandler", "AdminTradesHandler", "RootHandler", "StaticHandler", "BalanceHandler", "ControlHandler", "ForceHandler", "HealthHandler",
@@ -72,6 +73,7 @@ class ApiHandler(JsonErrors):
         self._chunks: list[bytes] = []
         self._size = 0
         self._started = time.perf_counter()
+        self._caller: int | None = None
 
     def prepare(self) -> None:
         self.ctx.in_flight += 1
@@ -101,6 +103,8 @@ class ApiHandler(JsonErrors):
         retry_after_s = getattr(error, "retry_after_s", None)
         if retry_after_s is not None:
             self.set_header("Retry-After", str(retry_after_s))
+        body = b"".join(self._chunks) if self._size <= self.ctx.max_body_bytes else b""
+        _oplog.refused(self.request.method, self.request.path, error, self._started, self._caller, body)
         self.answer(error.status, error.to_dict())
 
     # -- who -----------------------------------------------------------------------
@@ -113,6 +117,7 @@ class ApiHandler(JsonErrors):
         principal = await self.ctx.tokens.check(self.token) if scheme.lower() == "bearer" else None
         if principal is None:
             raise errors.Unauthorized("a valid Bearer token is required")
+        self._caller = principal.user_id
         if principal.role not in roles:
             raise errors.Forbidden(f"this needs the role {' or '.join(roles)}")
         return principal
@@ -171,6 +176,7 @@ class ApiHandler(JsonErrors):
         """Await an engine reply (without blocking the loop) and count the mutation."""
         result = await as_asyncio(reply)
         self.ctx.metrics.mutations.labels(kind).inc()
+        _oplog.committed(kind, result, self._started)
         return status, result
 
     async def target(self, raw_id: str | None) -> int:

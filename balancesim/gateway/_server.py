@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
+import socket
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from balancesim.auth import DEFAULT_COST
 from balancesim.engine import Engine
 from balancesim.gateway._app import make_app
 
-__all__ = ["ServeOptions", "serve", "DEMO_ACCOUNTS", "tune_gc"]
+__all__ = ["CannotStart", "ServeOptions", "serve", "DEMO_ACCOUNTS", "tune_gc"]
 
 DEMO_ACCOUNTS = (
     ("superadmin", "superadmin123", "superadmin"),
@@ -28,6 +31,36 @@ DEMO_ACCOUNTS = (
     ("bob", "bob123", "user"),
 )
 DEMO_DEPOSIT = "10000"
+
+
+class CannotStart(Exception):
+    """The server could not start (a busy port, a ledger it cannot open); nothing was changed."""
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bind the listening sockets, before anything else: a busy port must not cost a ledger open."""
+    try:
+        # A deep accept queue: a thousand clients connecting at once must not be reset.
+        return bind_sockets(port, host, backlog=4096)
+    except OSError as error:
+        raise CannotStart(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def check_ledger(path: str) -> None:
+    """Open the ledger file once, so a wrong path is a sentence rather than a traceback."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CannotStart(f"cannot open the ledger {path}: the directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise CannotStart(f"cannot open the ledger {path}: it is a directory")
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as error:
+        raise CannotStart(f"cannot open the ledger {path}: {error}") from None
 
 
 def tune_gc() -> None:
@@ -69,7 +102,7 @@ def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
         echo(f"demo: deposited {DEMO_DEPOSIT} USDT to {username!r}")
 
 
-async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
+async def _run(options: ServeOptions, echo: Callable[[str], None], sockets: list[socket.socket]) -> None:
     tune_gc()
     seed = options.seed if options.seed is not None else int(time.time())
     engine = Engine(options.db, clock=RealClock(options.time_scale), seed=seed,
@@ -78,14 +111,13 @@ async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
         create_demo(engine, echo)
     app = make_app(engine)
     ctx = app.settings["ctx"]
-    # A deep accept queue: a thousand clients connecting at once must not be reset.
-    sockets = bind_sockets(options.port, options.host, backlog=4096)
     server = HTTPServer(app, xheaders=False, max_body_size=1 << 30)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     url = f"http://{options.host}:{port}"
     await AsyncHTTPClient().fetch(f"{url}/healthz")
     echo(f"listening on {url}")
+    echo(f"dashboard: {url}/admin")
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,10 +137,22 @@ async def _run(options: ServeOptions, echo: Callable[[str], None]) -> None:
 
 
 def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
-    """Run until SIGINT/SIGTERM, then drain and return."""
+    """Run until SIGINT/SIGTERM, then drain and return.
+
+    Raises:
+        CannotStart: the port is busy or the ledger cannot be opened; checked in that
+            order and before anything is written, so a failed start changes nothing.
+    """
 
     def say(line: str) -> None:
         echo(line)
         sys.stdout.flush()
 
-    asyncio.run(_run(options, say))
+    sockets = listen(options.host, options.port)
+    try:
+        check_ledger(options.db)
+    except CannotStart:
+        for sock in sockets:
+            sock.close()
+        raise
+    asyncio.run(_run(options, say, sockets))

@@ -10,19 +10,26 @@ path, the line and what is wrong.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["Scenario", "Step", "Participant", "ScenarioError", "load", "OPS", "EXPECTS", "FILES"]
+__all__ = [
+    "Scenario", "Step", "Participant", "ScenarioError", "UnknownScenario", "load", "names", "OPS", "EXPECTS", "FILES",
+]
 
 FILES = Path(__file__).parent / "files"
 ROLES = ("user", "admin", "superadmin")
 MAX_CROWD = 100_000
 TOP_LEVEL = ("name", "description", "seed", "participants", "crowd", "steps")
 STEP_HEADER = re.compile(r"^\s*\[\[\s*steps\s*\]\]\s*(#.*)?$")
+# The shape of an amount or a quantity: a decimal string, signed for adjustments. Its range
+# and precision are the engine's to refuse (a scenario may expect that refusal).
+DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+DECIMAL_KEYS = ("amount", "quantity")
 
 # op → (required keys, optional keys); ``as`` names who performs it.
 OPS: dict[str, tuple[set[str], set[str]]] = {
@@ -61,6 +68,14 @@ class ScenarioError(Exception):
         super().__init__(f"{path}:{line or 1}: {message}")
 
 
+class UnknownScenario(ScenarioError):
+    """A name that is neither a shipped scenario nor a file: says which names there are."""
+
+    def __init__(self, name: str) -> None:
+        Exception.__init__(self, f"no scenario named {name!r}; the shipped ones are {', '.join(names())} "
+                                 "(or give the path of a .toml file)")
+
+
 @dataclass(frozen=True)
 class Participant:
     name: str
@@ -89,16 +104,28 @@ class Scenario:
     steps: list[Step] = field(default_factory=list)
 
 
+def names() -> list[str]:
+    """The shipped scenarios' names."""
+    return sorted(path.stem for path in FILES.glob("*.toml"))
+
+
 def resolve(name_or_path: str) -> Path:
     """A shipped scenario's file by name, or the path given."""
     shipped = FILES / f"{name_or_path}.toml"
     return shipped if shipped.exists() else Path(name_or_path)
 
 
+def _is_a_name(text: str) -> bool:
+    """``virtual-day`` rather than ``./my.toml``: no directory and no suffix."""
+    return "/" not in text and "\\" not in text and not text.endswith(".toml")
+
+
 def load(name_or_path: str) -> Scenario:
     """Read and check a scenario; ``ScenarioError`` names the file and line of the first problem."""
     path = resolve(name_or_path)
     where = str(path)
+    if not path.exists() and _is_a_name(name_or_path):
+        raise UnknownScenario(name_or_path)
     try:
         text = path.read_text()
     except OSError as error:
@@ -129,7 +156,7 @@ def load(name_or_path: str) -> Scenario:
     step_lines = [i + 1 for i, line in enumerate(source.lines) if STEP_HEADER.match(line)]
     for number, raw in enumerate(raw_steps, start=1):
         line = step_lines[number - 1] if number <= len(step_lines) else None
-        _check_step(where, line, number, raw, participants)
+        _check_step(where, line, number, raw, participants, source)
         scenario.steps.append(Step(number, line or 0, raw))
     return scenario
 
@@ -160,7 +187,7 @@ def _participants(source: _Source, table: Any) -> dict[str, Participant]:
         extra = set(spec) - {"role", "deposit"}
         if extra:
             source.fail(at, f"participant {name!r} has unknown keys {sorted(extra)}")
-        if not isinstance(spec.get("deposit", ""), str):
+        if not isinstance(spec.get("deposit", "0"), str) or not DECIMAL.fullmatch(spec.get("deposit", "0")):
             source.fail(at, f"participant {name!r}: deposit must be a decimal string like \"100\"")
         participants[name] = Participant(name, spec["role"], spec.get("deposit"))
     return participants
@@ -181,7 +208,7 @@ def _crowd(source: _Source, spec: Any, named: dict[str, Participant]) -> dict[st
     role, deposit = spec.get("role", "user"), spec.get("deposit")
     if role not in ROLES:
         source.fail(at, "crowd's role must be user, admin or superadmin")
-    if not isinstance(deposit, (str, type(None))):
+    if not (deposit is None or isinstance(deposit, str) and DECIMAL.fullmatch(deposit)):
         source.fail(at, "crowd's deposit must be a decimal string like \"100\"")
     width = len(str(count))
     crowd = {f"{prefix}{i:0{width}d}": Participant(f"{prefix}{i:0{width}d}", role, deposit) for i in range(1, count + 1)}
@@ -197,9 +224,10 @@ def _line_of_decode_error(message: str) -> int | None:
 
 
 
-def _check_step(where: str, line: int | None, number: int, raw: Any, participants: dict) -> None:
-    def fail(message: str) -> NoReturn:
-        raise ScenarioError(where, line, f"step {number}: {message}")
+def _check_step(where: str, line: int | None, number: int, raw: Any, participants: dict,
+                source: _Source | None = None) -> None:
+    def fail(message: str, key: str | None = None) -> NoReturn:
+        raise ScenarioError(where, _key_line(source, line, key) if key else line, f"step {number}: {message}")
 
     if not isinstance(raw, dict):
         fail("a step is a [[steps]] table")
@@ -227,3 +255,27 @@ def _check_step(where: str, line: int | None, number: int, raw: Any, participant
     for key in ("as", "to", "who"):
         if key in raw and raw[key] not in participants:
             fail(f"{key} = {raw[key]!r} is not a participant")
+    # A step that expects invalid_amount may send a malformed amount on purpose.
+    if raw.get("error") != "invalid_amount":
+        for key in DECIMAL_KEYS:
+            if key in raw and not (isinstance(raw[key], str) and DECIMAL.fullmatch(raw[key])):
+                fail(f"{key} = {_toml(raw[key])} is not a decimal string like \"100.5\"", key)
+
+
+def _key_line(source: _Source | None, step_line: int | None, key: str) -> int | None:
+    """The line of ``key = …`` inside the step that starts at ``step_line``, else that line."""
+    if source is None or step_line is None:
+        return step_line
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number in range(step_line + 1, len(source.lines) + 1):
+        text = source.lines[number - 1]
+        if STEP_HEADER.match(text) or re.match(r"^\s*\[", text):
+            break
+        if pattern.match(text):
+            return number
+    return step_line
+
+
+def _toml(value: Any) -> str:
+    """A value as the file wrote it, near enough: strings in double quotes."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
