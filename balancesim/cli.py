@@ -11,8 +11,7 @@ from typing import Any, Callable
 import click
 
 from balancesim import errors, reports
-from balancesim.actors import connect, create_schema, insert_user
-from balancesim.auth import ROLES, hash_password
+from balancesim.vocabulary import ROLES
 from balancesim.cliutil import InputError, ledger_file_errors
 
 __all__ = ["cli"]
@@ -81,19 +80,18 @@ def users() -> None:
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
 @domain_errors
 def users_create(db_path: str, username: str, password: str, role: str) -> None:
-    """Create an account and print its user_id (a server may be running on the file)."""
+    """Create an account and print its user_id (a server may be running on the file).
+
+    The engine's rules judge the name, password and role, as for ``POST /api/users``.
+    """
     import sqlite3
-    import time
+
+    from balancesim.engine import create_user_in
 
     try:
-        db = connect(db_path)
-        create_schema(db)
+        user_id = create_user_in(db_path, username, password, role)
     except sqlite3.Error as error:
         raise InputError(f"cannot use {db_path} as a ledger: {error}") from None
-    try:
-        user_id = insert_user(db, username, role, hash_password(password), time.time())
-    finally:
-        db.close()
     click.echo(user_id)
 
 

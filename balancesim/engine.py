@@ -60,12 +60,12 @@ from balancesim.actors import (
     market_sync,
     validate,
 )
-from balancesim.actors._ledger import Submission
+from balancesim.actors._ledger import Submission, connect, create_schema, insert_user
 from balancesim.auth import DEFAULT_COST, hash_password, verify_password
 from balancesim.money import format_amount, parse_amount
 from balancesim.views import balances_view, result_of, trade_view, transaction_view
 
-__all__ = ["Engine", "DEFAULT_PAYOUT_RATES", "MAX_KEY_LENGTH"]
+__all__ = ["Engine", "DEFAULT_PAYOUT_RATES", "MAX_KEY_LENGTH", "create_user_in"]
 
 DEFAULT_PAYOUT_RATES = {30: "0.10", 60: "0.15"}
 MAX_KEY_LENGTH = 128
@@ -519,6 +519,33 @@ class Engine:
     @staticmethod
     def _snapshot_view(snap: dict[str, Any]) -> dict[str, Any]:
         return {**snap, "balances": balances_view(snap["balances"])}
+
+
+def create_user_in(db_path: str, username: str, password: str, role: str = "user", *,
+                   cost: int = DEFAULT_COST, now: float | None = None) -> int:
+    """Create an account in a ledger file directly (a server may be running on it); its id.
+
+    The engine's own rules judge it (``validate`` and ``check_password``), so
+    ``balancesim users create`` accepts exactly what ``POST /api/users`` does.
+
+    Raises:
+        BalancesimError: ``invalid_request`` for a bad name, password or role;
+            ``conflict`` for a taken name.
+        sqlite3.Error: the file is not a ledger that can be written.
+    """
+    import time
+
+    rejected = validate(CreateUser(username, role, ""))
+    if rejected is not None:
+        raise rejected.error
+    check_password(password)
+    db = connect(db_path)
+    try:
+        create_schema(db)
+        return insert_user(db, username, role, hash_password(password, cost=cost),
+                           time.time() if now is None else now)
+    finally:
+        db.close()
 
 
 def _lower_priority() -> None:

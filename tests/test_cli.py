@@ -40,6 +40,16 @@ def test_users_create_prints_the_new_user_id_and_refuses_a_taken_name(db_path):
     assert again.output == "Error: username 'ann' is taken\n"
 
 
+@pytest.mark.parametrize("username, password, message", [
+    ("x" * 65, "pw", "username must be 1 to 64 printable characters"),
+    ("tab\there", "pw", "username must be 1 to 64 printable characters"),
+    ("long-password", "p" * 257, "password must be 1 to 256 characters"),
+])
+def test_users_create_judges_by_the_engines_rules_as_the_api_does(db_path, username, password, message):
+    result = CliRunner().invoke(cli, ["users", "create", "--db", db_path, "--username", username, "--password", password])
+    assert (result.exit_code, result.output) == (1, f"Error: {message}\n")
+
+
 @pytest.fixture
 def filled(make_engine, db_path):
     engine = make_engine()
