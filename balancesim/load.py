@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterable
 
 from hdrh.histogram import HdrHistogram
 
-from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
 from balancesim.charts import render_chart
+from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
+from balancesim.operations import OPERATIONS, perform, transactions_of
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
 
@@ -137,29 +138,16 @@ def _histogram() -> HdrHistogram:
     return HdrHistogram(1, 120_000_000, 3)
 
 
-class Run:
-    """One load run: setup, the users' loops, then the verdict."""
+class Crowd:
+    """Setup: the superadmin participant and the users, each logged in with its session."""
 
     def __init__(self, options: LoadOptions) -> None:
         self.o = options
-        self.rng = random.Random(1)
-        self.ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        bucket_s = max(1.0, math.ceil(options.duration_s / CHART_POINTS))
-        self.http = Latency(bucket_s)
-        self.delivery = Latency(bucket_s)
-        self.started = 0.0
-        self.stop = asyncio.Event()
+        self.boss: Client | None = None
         self.users: list[Client] = []
         self.sessions: dict[int, Session] = {}
-        # Delivery keys (see ``delivery_key``) → perf_counter of the HTTP call's start,
-        # or of the message's arrival when it beat the HTTP answer.
-        self.sent: dict[str, float] = {}
-        self.arrived: dict[str, float] = {}
 
-    def now(self) -> float:
-        return time.perf_counter() - self.started
-
-    async def setup(self, url: str) -> None:
+    async def gather(self, url: str, on_message: Callable[[dict[str, Any], float], None]) -> None:
         """Create, fund, log in and connect every user, a few at a time (the server hashes passwords)."""
         self.boss = await Client.login(url, self.o.admin_user, self.o.admin_password)
         tag = secrets.token_hex(3)
@@ -173,76 +161,22 @@ class Run:
                 await self.boss.deposit(made["user_id"], "100000", description="load starting balance")
                 client = await Client.login(url, name, password)
                 session = await client.session()
-                session.on_message = self.on_message
+                session.on_message = on_message
                 self.sessions[client.user_id] = session
                 self.users.append(client)
 
         await asyncio.gather(*(one(i) for i in range(self.o.users)))
 
-    def on_message(self, message: dict[str, Any], at: float) -> None:
-        if message.get("type") != "balance_update" or message["change_type"] not in TIMED:
-            return
-        key = delivery_key(message)
-        started = self.sent.pop(key, None)
-        if started is None:
-            self.arrived[key] = at  # before the HTTP answer: ``delivered`` records it
-        else:
-            self._record_delivery(started, at)
-
-    def delivered(self, keys: Iterable[str], started: float) -> None:
-        for key in keys:
-            at = self.arrived.pop(key, None)
-            if at is None:
-                self.sent[key] = started  # not yet: ``on_message`` records it
-            else:
-                self._record_delivery(started, at)
-
-    def _record_delivery(self, started: float, at: float) -> None:
-        self.delivery.record(at - started, at - self.started)
-
-    async def act(self, user: Client) -> None:
-        kinds, weights = zip(*self.o.mix.items())
-        while not self.stop.is_set():
-            kind = self.rng.choices(kinds, weights)[0]
-            started = time.perf_counter()
-            try:
-                keys = await self.operation(kind, user, lambda s: self.http.record(s, time.perf_counter() - self.started))
-                self.ops[kind]["ok"] += 1
-                self.delivered(keys, started)
-            except ApiError as error:
-                self.ops[kind][error.code] += 1
-            except Exception as error:  # noqa: BLE001 - counted by kind: the run goes on
-                self.ops[kind][type(error).__name__] += 1
-            try:
-                await asyncio.wait_for(self.stop.wait(), self.rng.uniform(0.5, 1.5) * self.o.think_s)
-            except asyncio.TimeoutError:
-                pass
-
-    async def operation(self, kind: str, user: Client, timing: Callable[[float], None]) -> list[str]:
-        """Do one operation; the delivery keys of the ``balance_update``s it causes."""
-        r = self.rng
-        if kind == "deposit":
-            tx = await self.boss.deposit(user.user_id, f"{r.randint(1, 500)}", description="load", timing=timing)
-            return [tx["transaction_id"]]
-        if kind == "control":
-            await self.boss.set_control(user.user_id, r.choice(["normal", "normal", "win", "lose"]), timing=timing)
-            return []
-        symbol = r.choice(["BTCUSDT", "ETHUSDT"])
-        if kind == "option":
-            trade = await user.open_option(symbol, r.choice(["up", "down"]), f"{r.randint(1, 50)}",
-                                           r.choice([30, 60]), timing=timing)
-            return [f"trade:{trade['trade_id']}"]
-        order = await user.spot(symbol, r.choice(["buy", "sell"]), r.choice(["0.0001", "0.001", "0.01"]), timing=timing)
-        return [tx["transaction_id"] for tx in order["transactions"]]
-
     async def judge(self) -> dict[str, Any]:
         """Every session: versions without gap or duplicate, its own events only, showing what is stored."""
         problems: list[str] = []
+        boss = self.boss
+        assert boss is not None
 
         async def check(user: Client) -> None:
             session = self.sessions[user.user_id]
             problems.extend(f"user {user.user_id}: {p}" for p in session.problems)
-            problem = await out_of_sync(session, lambda: self.boss.balance(user.user_id), session.barrier)
+            problem = await out_of_sync(session, lambda: boss.balance(user.user_id), session.barrier)
             if problem:
                 problems.append(f"user {user.user_id}: {problem}")
 
@@ -253,13 +187,114 @@ class Run:
             "reconnects": sum(s.reconnects for s in self.sessions.values()),
         }
 
+    async def close(self) -> None:
+        for session in self.sessions.values():
+            await session.close()
+
+
+class Chooser:
+    """Choice: the next operation of a user, drawn from the mix, as ``(name, args)``
+    for ``balancesim.operations.perform``."""
+
+    def __init__(self, mix: dict[str, int], seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.kinds, self.weights = zip(*mix.items())
+
+    def next(self, user_id: int) -> tuple[str, dict[str, Any]]:
+        r = self.rng
+        kind = r.choices(self.kinds, self.weights)[0]
+        if kind == "deposit":
+            return kind, {"to": user_id, "amount": f"{r.randint(1, 500)}", "description": "load"}
+        if kind == "control":
+            return kind, {"to": user_id, "mode": r.choice(["normal", "normal", "win", "lose"])}
+        symbol = r.choice(["BTCUSDT", "ETHUSDT"])
+        if kind == "option":
+            return kind, {"symbol": symbol, "direction": r.choice(["up", "down"]),
+                          "amount": f"{r.randint(1, 50)}", "duration": r.choice([30, 60])}
+        return kind, {"symbol": symbol, "side": r.choice(["buy", "sell"]),
+                      "quantity": r.choice(["0.0001", "0.001", "0.01"])}
+
+    def think_s(self, mean_s: float) -> float:
+        return self.rng.uniform(0.5, 1.5) * mean_s
+
+
+class Deliveries:
+    """Bookkeeping: ties each ``balance_update`` to the HTTP call that caused it, whichever
+    arrives first, and records mutation → delivery latency."""
+
+    def __init__(self, latency: Latency, epoch: Callable[[], float]) -> None:
+        self.latency = latency
+        self.epoch = epoch
+        # Delivery keys (see ``delivery_key``) → perf_counter of the HTTP call's start,
+        # or of the message's arrival when it beat the HTTP answer.
+        self.sent: dict[str, float] = {}
+        self.arrived: dict[str, float] = {}
+
+    def on_message(self, message: dict[str, Any], at: float) -> None:
+        if message.get("type") != "balance_update" or message["change_type"] not in TIMED:
+            return
+        key = delivery_key(message)
+        started = self.sent.pop(key, None)
+        if started is None:
+            self.arrived[key] = at  # before the HTTP answer: ``answered`` records it
+        else:
+            self._record(started, at)
+
+    def answered(self, body: dict[str, Any], started: float) -> None:
+        for key in answer_keys(body):
+            at = self.arrived.pop(key, None)
+            if at is None:
+                self.sent[key] = started  # not yet: ``on_message`` records it
+            else:
+                self._record(started, at)
+
+    def _record(self, started: float, at: float) -> None:
+        self.latency.record(at - started, at - self.epoch())
+
+
+class Run:
+    """One load run: the crowd gathers, every user loops over chosen operations, then the verdict."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        self.o = options
+        self.chooser = Chooser(options.mix)
+        self.ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        bucket_s = max(1.0, math.ceil(options.duration_s / CHART_POINTS))
+        self.http = Latency(bucket_s)
+        self.deliveries = Deliveries(Latency(bucket_s), lambda: self.started)
+        self.crowd = Crowd(options)
+        self.started = 0.0
+        self.stop = asyncio.Event()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started
+
+    async def act(self, user: Client) -> None:
+        boss = self.crowd.boss
+        while not self.stop.is_set():
+            name, args = self.chooser.next(user.user_id)
+            started = time.perf_counter()
+            try:
+                body = await perform(boss if OPERATIONS[name].admin else user, name, args,
+                                     timing=lambda s: self.http.record(s, time.perf_counter() - self.started))
+                self.ops[name]["ok"] += 1
+                self.deliveries.answered(body, started)
+            except ApiError as error:
+                self.ops[name][error.code] += 1
+            except Exception as error:  # noqa: BLE001 - counted by kind: the run goes on
+                self.ops[name][type(error).__name__] += 1
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.chooser.think_s(self.o.think_s))
+            except asyncio.TimeoutError:
+                pass
+
     async def execute(self, url: str) -> dict[str, Any]:
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.stop.set)
         begin = time.perf_counter()
-        await self._unless_stopped(self.setup(url))
+        await self._unless_stopped(self.crowd.gather(url, self.deliveries.on_message))
         setup_s = time.perf_counter() - begin
         self.started = time.perf_counter()
-        actors = [asyncio.ensure_future(self.act(user)) for user in self.users]
+        actors = [asyncio.ensure_future(self.act(user)) for user in self.crowd.users]
         while not self.stop.is_set() and self.now() < self.o.duration_s:
             try:
                 await asyncio.wait_for(self.stop.wait(), 1.0)
@@ -271,21 +306,25 @@ class Run:
         self.stop.set()
         await asyncio.gather(*actors)
         elapsed = self.now()
-        verdict = await self.judge()
-        for session in self.sessions.values():
-            await session.close()
+        verdict = await self.crowd.judge()
+        await self.crowd.close()
+        return self.report(elapsed, setup_s, interrupted, verdict)
+
+    def report(self, elapsed: float, setup_s: float, interrupted: bool, verdict: dict[str, Any]) -> dict[str, Any]:
+        """Judging's output as the JSON report (``render_text`` and the chart read it)."""
         totals = self.totals()
+        delivery = self.deliveries.latency
         return {
-            "users": self.o.users, "sessions": len(self.sessions), "duration_s": round(elapsed, 2),
+            "users": self.o.users, "sessions": len(self.crowd.sessions), "duration_s": round(elapsed, 2),
             "setup_s": round(setup_s, 2), "interrupted": interrupted, "mix": self.o.mix,
             "operations": {kind: dict(counts) for kind, counts in self.ops.items()},
             "ok_ops": totals["ok"], "refused": totals["refused"], "errors": totals["errors"],
             "throughput_ops_per_s": round(totals["ok"] / max(elapsed, 1e-9), 1),
-            "http_latency": self.http.summary(), "delivery_latency": self.delivery.summary(),
-            "undelivered": len(self.sent), "verdict": verdict,
+            "http_latency": self.http.summary(), "delivery_latency": delivery.summary(),
+            "undelivered": len(self.deliveries.sent), "verdict": verdict,
             "series": {"bucket_s": self.http.bucket_s, "http": self.http.over_time(),
-                       "delivery": self.delivery.over_time()},
-            "distribution": {"http": self.http.distribution(), "delivery": self.delivery.distribution()},
+                       "delivery": delivery.over_time()},
+            "distribution": {"http": self.http.distribution(), "delivery": delivery.distribution()},
         }
 
     async def _unless_stopped(self, work: Any) -> None:
@@ -311,6 +350,13 @@ def tally(outcomes: Iterable[dict[str, int]]) -> dict[str, int]:
         for outcome, n in counts.items():
             totals["ok" if outcome == "ok" else "refused" if outcome in REFUSALS else "errors"] += n
     return totals
+
+
+def answer_keys(body: dict[str, Any]) -> list[str]:
+    """The delivery keys of the ``balance_update``s an operation's answer causes."""
+    if "trade" in body:
+        return [f"trade:{body['trade']['trade_id']}"]
+    return [tx["transaction_id"] for tx in transactions_of(body)]
 
 
 def delivery_key(message: dict[str, Any]) -> str:
