@@ -98,6 +98,8 @@ class ApiHandler(JsonErrors):
         self.finish(json.dumps(body))
 
     def fail(self, error: errors.BalancesimError) -> None:
+        if isinstance(error, errors.RateLimited):  # PROTOCOL.md: 429 comes with Retry-After
+            self.set_header("Retry-After", str(error.retry_after_s))
         self.answer(error.status, error.to_dict())
 
     # -- who -----------------------------------------------------------------------
