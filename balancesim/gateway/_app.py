@@ -15,6 +15,7 @@ from balancesim.gateway._auth import LoginLimiter, TokenStore
 from balancesim.gateway._context import Context
 from balancesim.gateway._fanout import Hub
 from balancesim.gateway._metrics import Metrics
+from balancesim.gateway._openapi import OpenApiHandler
 from balancesim.gateway._sessions import SessionHandler
 
 __all__ = ["make_app", "GatewayApp", "STATIC_PATH"]
@@ -125,6 +126,7 @@ def make_app(
         (r"/readyz", h.ReadyHandler, api),
         (r"/metrics", h.MetricsHandler, api),
         (r"/ws", SessionHandler, api),
+        (r"/openapi.json", OpenApiHandler, api),  # documents every route above but /metrics and /ws
         (r"/", h.RootHandler, api),
         (r"/admin/?", h.AdminPageHandler, {"path": STATIC_PATH}),
         (r"/([A-Za-z0-9_.-]+\.(?:html|js|css|svg|ico))", h.StaticHandler, {"path": STATIC_PATH}),

@@ -101,7 +101,7 @@ class ApiHandler(JsonErrors):
 
     def fail(self, error: errors.BalancesimError) -> None:
         retry_after_s = getattr(error, "retry_after_s", None)
-        if retry_after_s is not None:
+        if retry_after_s is not None:  # PROTOCOL.md: 429 comes with Retry-After
             self.set_header("Retry-After", str(retry_after_s))
         body = b"".join(self._chunks) if self._size <= self.ctx.max_body_bytes else b""
         _oplog.refused(self.request.method, self.request.path, error, self._started, self._caller, body)
