@@ -164,8 +164,11 @@ def ledger_audit(db_path: str, as_json: bool) -> None:
               help="scrypt N for new passwords (a power of two); lower only for throwaway load users.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
               help="On stderr. info: one line per mutation, warning: per refusal, debug: per request too.")
+@click.option("--trust-proxy", is_flag=True,
+              help="Behind a proxy you run: the login limiter counts the client address it appends "
+                   "to X-Forwarded-For, not the proxy's.")
 def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | None, demo: bool,
-          password_cost: int, log_level: str) -> None:
+          password_cost: int, log_level: str, trust_proxy: bool) -> None:
     """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0.
 
     Exit 2, having changed nothing, when the port is busy or the ledger cannot be opened.
@@ -177,7 +180,8 @@ def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | Non
         raise click.BadParameter("must be a power of two", param_hint="--password-cost")
     configure_logging(log_level)
     try:
-        run(ServeOptions(host, port, db_path, time_scale, seed, demo, password_cost=password_cost), echo=click.echo)
+        run(ServeOptions(host, port, db_path, time_scale, seed, demo, password_cost=password_cost,
+                         trust_proxy=trust_proxy), echo=click.echo)
     except CannotStart as error:
         raise InputError(str(error)) from None
 

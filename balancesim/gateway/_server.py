@@ -85,6 +85,7 @@ class ServeOptions:
     demo: bool = False
     drain_s: float = 10.0
     password_cost: int = DEFAULT_COST
+    trust_proxy: bool = False
 
 
 def create_demo(engine: Engine, echo: Callable[[str], None]) -> None:
@@ -109,7 +110,7 @@ async def _run(options: ServeOptions, echo: Callable[[str], None], sockets: list
                     password_cost=options.password_cost).start()
     if options.demo:
         create_demo(engine, echo)
-    app = make_app(engine)
+    app = make_app(engine, trust_proxy=options.trust_proxy)
     ctx = app.settings["ctx"]
     server = HTTPServer(app, xheaders=False, max_body_size=1 << 30)
     server.add_sockets(sockets)
