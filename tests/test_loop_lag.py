@@ -5,7 +5,9 @@ creating a few dozen users stalled every session for about a second. Here the
 server runs on its own loop in a thread of this process and measures that loop's
 lag with a periodic callback; its clients run in another process, so they do not
 share its GIL. The bound is far above a noisy 2-core machine's normal lag and far
-below what on-loop hashing costs.
+below what on-loop hashing costs. Measured here: with scrypt on the loop the loop
+stalled 1,787 ms; off it, 40-80 ms on a quiet machine and up to 220 ms while other
+test suites ran beside it (the OS, not this process, then decides who gets a core).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from balancesim.auth import DEFAULT_COST
 from balancesim.engine import Engine
 from balancesim.gateway import make_app, tune_gc
 
-LAG_BOUND_S = 0.100
+LAG_BOUND_S = 0.250
 SESSIONS = 200
 USERS = 24
 TICK_S = 0.005
