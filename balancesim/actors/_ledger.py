@@ -427,20 +427,17 @@ class Ledger:
         outcomes: list[tuple[Event, ...] | errors.BalancesimError] = []
         with db.atomic():
             for sub in accepted:
-                if type(sub.command) is CreateUser:
-                    try:
-                        events = (self._insert_user(sub.command, sub.events[0]),)
-                    except errors.Conflict as error:
-                        outcomes.append(error)
-                        continue
-                elif type(sub.command) is UpdateUser:
-                    try:
-                        events = (self._update_user(sub.command, sub.events[0]),)
-                    except errors.UnknownUser as error:
-                        outcomes.append(error)
-                        continue
-                else:
+                write_user = self._USER_WRITES.get(type(sub.command))
+                if write_user is None:
                     events = self._number(sub.events)
+                else:
+                    try:
+                        events = (write_user(self, sub.command, sub.events[0]),)
+                    except (errors.Conflict, errors.UnknownUser) as error:
+                        # Refused by the file (a taken name, a missing account): this one
+                        # stays out, the rest of the batch commits.
+                        outcomes.append(error)
+                        continue
                 for event in events:
                     if type(event) is Posted:
                         tx_rows.append((
@@ -498,6 +495,13 @@ class Ledger:
             (command.user_id, role, int(disabled), command.set_by, iso(decided.ts)),
         )
         return UserUpdated(command.user_id, username, role, disabled, command.set_by, decided.ts)
+
+    # Commands about an account itself, not its balances: the writer applies them to
+    # the users table and makes their event with what the file says.
+    _USER_WRITES: dict[type, Callable[..., Event]] = {
+        CreateUser: _insert_user,
+        UpdateUser: _update_user,
+    }
 
     def _fail(self, accepted: list[Submission], error: Exception) -> None:
         failure = errors.StorageUnavailable(f"the ledger could not be written: {error}")
