@@ -27,6 +27,7 @@ from balancesim.client import ApiError, Client, Session, configure_http, out_of_
 from balancesim.operations import OPERATIONS, perform, transactions_of
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
+from balancesim.vocabulary import SYMBOLS
 
 __all__ = ["TrialResult", "run_trial", "run_trials"]
 
@@ -61,7 +62,7 @@ async def _drive(rng: random.Random, boss: Client, user: Client, acked: list[dic
             "to": user.user_id,
             "amount": f"{rng.randint(1, 99)}.{rng.randint(0, 99)}" if name == "deposit"
             else f"{rng.randint(1, 20)}" if name == "withdraw" else "5",
-            "symbol": rng.choice(["BTCUSDT", "ETHUSDT"]), "side": rng.choice(["buy", "sell"]),
+            "symbol": rng.choice(list(SYMBOLS)), "side": rng.choice(["buy", "sell"]),
             "quantity": "0.001", "direction": rng.choice(["up", "down"]), "duration": rng.choice([30, 60]),
         }
         try:

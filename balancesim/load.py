@@ -35,6 +35,7 @@ from balancesim.client import ApiError, Client, Session, configure_http, out_of_
 from balancesim.operations import OPERATIONS, perform, transactions_of
 from balancesim.reports import verify
 from balancesim.serveproc import ServerProcess
+from balancesim.vocabulary import SYMBOLS
 
 __all__ = [
     "LoadOptions", "run_load", "render_chart", "render_text", "write_report", "summary", "DEFAULT_MIX",
@@ -207,7 +208,7 @@ class Chooser:
             return kind, {"to": user_id, "amount": f"{r.randint(1, 500)}", "description": "load"}
         if kind == "control":
             return kind, {"to": user_id, "mode": r.choice(["normal", "normal", "win", "lose"])}
-        symbol = r.choice(["BTCUSDT", "ETHUSDT"])
+        symbol = r.choice(list(SYMBOLS))
         if kind == "option":
             return kind, {"symbol": symbol, "direction": r.choice(["up", "down"]),
                           "amount": f"{r.randint(1, 50)}", "duration": r.choice([30, 60])}

@@ -33,10 +33,12 @@ from balancesim.actors._clock import Clock, Timer
 from balancesim.actors._messages import Command, OptionOpened, PriceTicked, SettleOption, Trade
 from balancesim.actors._reply import Reply
 from balancesim.money import UNIT
+from balancesim.vocabulary import SYMBOLS
 
 __all__ = ["MarketActor", "PriceBoard", "START_PRICES", "sync"]
 
-START_PRICES = {"BTCUSDT": 65_000 * UNIT, "ETHUSDT": 3_500 * UNIT}
+# The simulation's opening prices, one per symbol of the vocabulary.
+START_PRICES = dict(zip(SYMBOLS, (65_000 * UNIT, 3_500 * UNIT), strict=True))
 
 
 class PriceBoard:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from balancesim.vocabulary import ROLES
+
 __all__ = [
     "Scenario", "Step", "Participant", "ScenarioError", "UnknownScenario", "load", "names", "OPS", "EXPECTS", "FILES",
 ]
 
 FILES = Path(__file__).parent / "files"
-ROLES = ("user", "admin", "superadmin")
 MAX_CROWD = 100_000
 TOP_LEVEL = ("name", "description", "seed", "participants", "crowd", "steps")
 STEP_HEADER = re.compile(r"^\s*\[\[\s*steps\s*\]\]\s*(#.*)?$")

@@ -11,6 +11,7 @@ from typing import Any
 from balancesim.client import out_of_sync
 from balancesim.scenarios._model import Scenario, Step
 from balancesim.scenarios._worlds import OpFailed
+from balancesim.vocabulary import SYMBOLS
 
 __all__ = ["Outcome", "run_scenario", "NOTICED"]
 
@@ -105,7 +106,7 @@ class Interpreter:
         """Every ``every_s``, each user opens a random option; ``rounds`` times (a virtual day)."""
         users = [name for name, stream in self.world.streams.items() if stream.role == "user"]
         for _ in range(data["rounds"]):
-            calls = [("option", {"symbol": self.rng.choice(["BTCUSDT", "ETHUSDT"]),
+            calls = [("option", {"symbol": self.rng.choice(list(SYMBOLS)),
                                  "direction": self.rng.choice(["up", "down"]),
                                  "amount": data.get("amount", "10"), "duration": self.rng.choice([30, 60])})
                      for _ in users]
