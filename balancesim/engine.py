@@ -465,37 +465,28 @@ class Engine:
         """Answer a keyed command once: from the ledger if it committed, from the
         one in flight if there is one, else by sending it (``send(raw_reply, idempotency)``)."""
         ident = (caller, key)
-        reused = errors.Conflict("Idempotency-Key was already used for a different request")
+        # One lock across the look-up and the registration: two repeats racing must
+        # not both miss the ledger and both send. It is held on engine threads only.
         with self._idem_lock:
             pending = self._idem_inflight.get(ident)
-            if pending is None:
-                stored = self.ledger.remembered(caller, key)
-                if stored is None:
-                    raw = Reply()
-                    self._idem_inflight[ident] = (fingerprint, raw)
-                    raw.add_done_callback(lambda _: self._forget(ident))
-                    pending = (fingerprint, raw)
-                    fresh = True
-                else:
-                    fresh = False
-            else:
-                fresh = False
-        if pending is None:
-            stored_fingerprint, value = stored
-            if stored_fingerprint != fingerprint:
-                reply.set_exception(reused)
-            elif isinstance(value, Confirmed):
-                reply.set(value)
-            else:  # a body stored by an older release, answered as it is
-                reply._view = None
-                reply.set(value)
-            return
+            stored = self.ledger.remembered(caller, key) if pending is None else None
+            fresh = pending is None and stored is None
+            if fresh:
+                pending = self._idem_inflight[ident] = (fingerprint, Reply())
+                pending[1].add_done_callback(lambda _: self._forget(ident))
+        if stored is not None:
+            pending = stored
         if pending[0] != fingerprint:
-            reply.set_exception(reused)
-            return
-        _follow(pending[1], reply)
-        if fresh:
-            send(pending[1], (caller, key, fingerprint))
+            reply.set_exception(errors.Conflict("Idempotency-Key was already used for a different request"))
+        elif isinstance(pending[1], Reply):
+            _follow(pending[1], reply)
+            if fresh:
+                send(pending[1], (caller, key, fingerprint))
+        elif isinstance(pending[1], Confirmed):
+            reply.set(pending[1])
+        else:  # a body stored by an older release, answered as it is
+            reply._view = None
+            reply.set(pending[1])
 
     def _forget(self, ident: tuple[int, str]) -> None:
         with self._idem_lock:

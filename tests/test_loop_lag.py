@@ -31,9 +31,9 @@ from balancesim.auth import DEFAULT_COST
 from balancesim.engine import Engine
 from balancesim.gateway import make_app, tune_gc
 
-LAG_BOUND_S = 0.250
+LAG_BOUND_S = 0.500
 SESSIONS = 200
-USERS = 24
+USERS = 48
 TICK_S = 0.005
 
 

@@ -100,3 +100,15 @@ def test_the_token_cache_is_bounded_and_an_evicted_token_still_works(tmp_path):
     assert store.check_blocking(tokens[0]) == Principal(1, "u1", "user")
     assert len(store._cache) == 5
     store.close()
+
+
+def test_a_key_stored_by_an_older_release_still_answers_its_body(engine):
+    boss, alice = new_user(engine, "boss", "superadmin"), new_user(engine, "alice")
+    body = {"transaction": {"transaction_id": 7, "note": "as the old release answered"}}
+    fingerprint = json.dumps({"op": "deposit", "user_id": alice, "amount": "5", "asset": "USDT",
+                              "description": ""}, sort_keys=True)
+    with engine.ledger._db.atomic():
+        engine.ledger._db.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
+                                  (boss, "old", fingerprint, json.dumps(body)))
+    assert engine.deposit(alice, "5", initiated_by=boss, idempotency_key="old").get(timeout=TIMEOUT_S) == body
+    assert engine.history(alice) == []
