@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.error
 from typing import Iterator
 
 import pytest
@@ -20,6 +21,8 @@ from tests.test_browser import ARTIFACTS, api, browser, token  # noqa: F401  (br
 
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
 EXPIRED = "Your session has expired; please log in again."
+LOGGED_OUT = "You have logged out."
+ACCOUNT_CHANGED = "An administrator changed this account (disabled it or changed its role); please log in again."
 TIME_SCALE = 0.1  # a 30 s trade lasts 3 s, a 60 s one 6 s
 
 
@@ -58,6 +61,18 @@ def log_in(page: Page, username: str, password: str) -> None:
     page.get_by_test_id("password").fill(password)
     page.get_by_test_id("login").click()
     expect(page.get_by_test_id("ws-status")).to_have_attribute("data-state", "live", timeout=10_000)
+
+
+def stored_token(page: Page) -> str | None:
+    return page.evaluate("JSON.parse(sessionStorage.getItem('balancesim.login'))?.token ?? null")
+
+
+def status_of(server: ServerProcess, path: str, token: str) -> int:
+    try:
+        api(server, "GET", path, token=token)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+    return 200
 
 
 def ids(server: ServerProcess) -> dict[str, int]:
@@ -263,3 +278,26 @@ def test_an_error_names_its_code_once_and_long_log_lines_wrap(open_page):
     expect(log).to_contain_text('"change_type":"option_stake"')
     width, visible = log.evaluate("node => [node.scrollWidth, node.clientWidth]")
     assert width <= visible, "a long line runs off the log's right edge"
+
+
+# -- 6. logging out ------------------------------------------------------------------------------
+
+
+def test_log_out_revokes_the_token_on_the_server_and_forgets_it_even_offline(open_page, server):
+    page = open_page("alice", "alice123")
+    old = stored_token(page)
+    assert status_of(server, "/api/balance", old) == 200
+    page.get_by_test_id("logout").click()
+    expect(page.get_by_test_id("login-form")).to_be_visible()
+    expect(page.get_by_test_id("login-notice")).to_have_text(LOGGED_OUT)
+    expect(page.get_by_test_id("username")).to_have_value("alice")
+    assert stored_token(page) is None
+    assert status_of(server, "/api/balance", old) == 401  # a copy of the token died with the click
+
+    log_in(page, "alice", "alice123")
+    kept = stored_token(page)
+    page.route("**/api/logout", lambda route: route.abort("internetdisconnected"))
+    page.get_by_test_id("logout").click()
+    expect(page.get_by_test_id("login-notice")).to_have_text(LOGGED_OUT)
+    assert stored_token(page) is None  # the call failed: the tab forgets the token all the same
+    assert status_of(server, "/api/balance", kept) == 200
