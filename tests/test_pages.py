@@ -117,6 +117,15 @@ def test_the_test_page_the_dashboard_and_the_load_report_fit_a_phone(open_page, 
     expect(dashboard.locator(".open-trade")).to_have_count(1)
     assert_fits_a_phone(dashboard)
 
+    boss = open_page("superadmin", "superadmin123", "/admin", **PHONE)  # with the account actions
+    bob = ids(server)["bob"]
+    boss.on("dialog", lambda dialog: dialog.accept())
+    boss.get_by_test_id(f"disable-{bob}").click()
+    expect(boss.get_by_test_id(f"disabled-{bob}")).to_be_visible()
+    expect(boss.get_by_test_id(f"enable-{bob}")).to_be_visible()
+    expect(boss.get_by_test_id(f"make-superadmin-{bob}")).to_be_visible()
+    assert_fits_a_phone(boss)
+
     report = tmp_path / "load.html"
     report.write_text(render_chart(synthetic_report()))
     chart = open_page(None, **PHONE)
@@ -301,3 +310,56 @@ def test_log_out_revokes_the_token_on_the_server_and_forgets_it_even_offline(ope
     expect(page.get_by_test_id("login-notice")).to_have_text(LOGGED_OUT)
     assert stored_token(page) is None  # the call failed: the tab forgets the token all the same
     assert status_of(server, "/api/balance", kept) == 200
+
+
+# -- 7. a superadmin manages accounts from the dashboard ------------------------------------------
+
+
+def test_a_superadmin_disables_re_enables_and_changes_the_role_of_an_account_from_the_dashboard(open_page, server):
+    people = ids(server)
+    boss_id = token(server, "superadmin", "superadmin123")["user_id"]
+    admin = open_page("admin", "admin123", "/admin")
+    expect(admin.get_by_test_id("accounts").locator("tr[data-user]")).to_have_count(4)
+    expect(admin.locator("td.actions")).to_have_count(0)  # an admin may not manage accounts: no column at all
+    expect(admin.locator("[data-testid^=disable-], [data-testid^=make-]")).to_have_count(0)
+
+    dashboard = open_page("superadmin", "superadmin123", "/admin")
+    b = people["bob"]
+    expect(dashboard.get_by_test_id(f"disable-{b}")).to_be_visible()
+    expect(dashboard.locator(f'tr[data-user="{boss_id}"] td.actions button')).to_have_count(0)  # never its own row
+    answers: list[bool] = [False, True]  # the first confirm is cancelled, the second accepted
+    questions: list[str] = []
+
+    def answer(dialog) -> None:
+        questions.append(dialog.message)
+        dialog.accept() if answers.pop(0) else dialog.dismiss()
+
+    dashboard.on("dialog", answer)
+    dashboard.get_by_test_id(f"disable-{b}").click()
+    expect(dashboard.get_by_test_id(f"disable-{b}")).to_be_visible()
+    assert questions[0].startswith("Disable bob?")
+    assert status_of(server, "/api/balance", token(server, "bob", "bob123")["token"]) == 200  # cancelled: nothing changed
+
+    dashboard.get_by_test_id(f"disable-{b}").click()
+    expect(dashboard.get_by_test_id(f"disabled-{b}")).to_have_text("disabled")
+    expect(dashboard.get_by_test_id(f"enable-{b}")).to_be_visible()
+    expect(dashboard.get_by_test_id(f"disable-{b}")).to_have_count(0)
+    expect(admin.get_by_test_id(f"disabled-{b}")).to_be_visible()  # pushed to every admin as user_update
+    expect(admin.get_by_test_id("feed")).to_contain_text("bob: disabled, role user")
+    with pytest.raises(urllib.error.HTTPError):
+        token(server, "bob", "bob123")
+
+    dashboard.get_by_test_id(f"enable-{b}").click()  # re-enabling asks nothing
+    expect(dashboard.get_by_test_id(f"disabled-{b}")).to_have_count(0)
+    expect(admin.get_by_test_id(f"disabled-{b}")).to_have_count(0)
+    assert token(server, "bob", "bob123")["role"] == "user"
+
+    answers.append(True)
+    dashboard.get_by_test_id(f"make-admin-{b}").click()
+    assert questions[-1] == "Make bob an admin? Its sessions close and it must log in again."
+    expect(dashboard.get_by_test_id(f"cell-{b}-role")).to_have_text("admin")
+    expect(admin.get_by_test_id(f"cell-{b}-role")).to_have_text("admin")
+    expect(dashboard.get_by_test_id(f"make-admin-{b}")).to_have_count(0)
+    expect(dashboard.get_by_test_id(f"make-user-{b}")).to_be_visible()
+    assert token(server, "bob", "bob123")["role"] == "admin"
+
