@@ -363,3 +363,27 @@ def test_a_superadmin_disables_re_enables_and_changes_the_role_of_an_account_fro
     expect(dashboard.get_by_test_id(f"make-user-{b}")).to_be_visible()
     assert token(server, "bob", "bob123")["role"] == "admin"
 
+
+# -- 8. an account disabled while its page is open -------------------------------------------------
+
+
+def test_a_disabled_account_returns_to_the_login_form_and_may_log_in_again_once_re_enabled(open_page, server):
+    a = ids(server)["alice"]
+    alice = open_page("alice", "alice123")
+    watcher = open_page("admin", "admin123", "/admin")
+    boss = open_page("superadmin", "superadmin123", "/admin")
+    boss.on("dialog", lambda dialog: dialog.accept())
+    boss.get_by_test_id(f"disable-{a}").click()
+
+    expect(alice.get_by_test_id("login-form")).to_be_visible(timeout=5_000)
+    expect(alice.get_by_test_id("login-notice")).to_have_text(ACCOUNT_CHANGED)
+    expect(alice.get_by_test_id("username")).to_have_value("alice")
+    alice.get_by_test_id("password").fill("alice123")
+    alice.get_by_test_id("login").click()
+    expect(alice.get_by_test_id("login-error")).to_have_text("This account is disabled.")
+    expect(watcher.get_by_test_id(f"disabled-{a}")).to_have_text("disabled")
+
+    boss.get_by_test_id(f"enable-{a}").click()
+    expect(watcher.get_by_test_id(f"disabled-{a}")).to_have_count(0)
+    log_in(alice, "alice", "alice123")
+    expect(alice.get_by_test_id("balance-USDT")).to_have_text("10000")
