@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python docs/screenshots.py
 
-Writes docs/{test-page,dashboard}-{desktop,phone}.png. The server runs on a temporary
+Writes docs/{test-page,dashboard}-{desktop,phone}.png; the dashboard is the superadmin's,
+with its account actions and one account (bob) disabled. The server runs on a temporary
 database at time scale 0.2 (a 30 s trade lasts 6 s) and is stopped at the end.
 """
 
@@ -39,7 +40,7 @@ def main() -> None:
                 browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
                 pages = {}
                 for size, options in SIZES.items():
-                    for name, user, path in (("test-page", "alice", "/"), ("dashboard", "admin", "/admin")):
+                    for name, user, path in (("test-page", "alice", "/"), ("dashboard", "superadmin", "/admin")):
                         page = browser.new_context(**options).new_page()
                         page.goto(server.url + path)
                         page.get_by_test_id("username").fill(user)
@@ -61,6 +62,12 @@ def main() -> None:
                 trader.get_by_test_id("option-amount").fill("25")
                 trader.get_by_test_id("option-60-down").click()
                 call(server, "POST", "/api/options", {"symbol": "BTCUSDT", "direction": "up", "amount": "15", "duration": 60}, bob["token"])
+                # A superadmin's account actions: bob disabled (after a confirm) shows its badge.
+                dashboard = pages["dashboard", "desktop"]
+                dashboard.on("dialog", lambda dialog: dialog.accept())
+                dashboard.get_by_test_id(f"disable-{bob['user_id']}").click()
+                for size in SIZES:
+                    expect(pages["dashboard", size].get_by_test_id(f"disabled-{bob['user_id']}")).to_be_visible()
                 time.sleep(2)
                 for (name, size), page in pages.items():
                     page.screenshot(path=str(DOCS / f"{name}-{size}.png"), full_page=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.error
 from typing import Iterator
 
 import pytest
@@ -20,6 +21,8 @@ from tests.test_browser import ARTIFACTS, api, browser, token  # noqa: F401  (br
 
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
 EXPIRED = "Your session has expired; please log in again."
+LOGGED_OUT = "You have logged out."
+ACCOUNT_CHANGED = "An administrator changed this account (disabled it or changed its role); please log in again."
 TIME_SCALE = 0.1  # a 30 s trade lasts 3 s, a 60 s one 6 s
 
 
@@ -58,6 +61,18 @@ def log_in(page: Page, username: str, password: str) -> None:
     page.get_by_test_id("password").fill(password)
     page.get_by_test_id("login").click()
     expect(page.get_by_test_id("ws-status")).to_have_attribute("data-state", "live", timeout=10_000)
+
+
+def stored_token(page: Page) -> str | None:
+    return page.evaluate("JSON.parse(sessionStorage.getItem('balancesim.login'))?.token ?? null")
+
+
+def status_of(server: ServerProcess, path: str, token: str) -> int:
+    try:
+        api(server, "GET", path, token=token)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+    return 200
 
 
 def ids(server: ServerProcess) -> dict[str, int]:
@@ -102,6 +117,15 @@ def test_the_test_page_the_dashboard_and_the_load_report_fit_a_phone(open_page, 
     expect(dashboard.locator(".open-trade")).to_have_count(1)
     assert_fits_a_phone(dashboard)
 
+    boss = open_page("superadmin", "superadmin123", "/admin", **PHONE)  # with the account actions
+    bob = ids(server)["bob"]
+    boss.on("dialog", lambda dialog: dialog.accept())
+    boss.get_by_test_id(f"disable-{bob}").click()
+    expect(boss.get_by_test_id(f"disabled-{bob}")).to_be_visible()
+    expect(boss.get_by_test_id(f"enable-{bob}")).to_be_visible()
+    expect(boss.get_by_test_id(f"make-superadmin-{bob}")).to_be_visible()
+    assert_fits_a_phone(boss)
+
     report = tmp_path / "load.html"
     report.write_text(render_chart(synthetic_report()))
     chart = open_page(None, **PHONE)
@@ -131,6 +155,10 @@ def synthetic_report() -> dict:
 @pytest.mark.parametrize("path", ["/", "/admin"])
 def test_a_refused_stored_token_returns_to_the_login_form_with_a_message(open_page, path):
     page = open_page("admin", "admin123", path)
+    if path == "/":
+        # The test page fetches its transactions 150 ms after going live, with the token stored
+        # then: a bogus one would make the page reload itself while this test reloads it too.
+        expect(page.get_by_test_id("tx-range")).not_to_be_empty()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.evaluate("""() => {
@@ -263,3 +291,103 @@ def test_an_error_names_its_code_once_and_long_log_lines_wrap(open_page):
     expect(log).to_contain_text('"change_type":"option_stake"')
     width, visible = log.evaluate("node => [node.scrollWidth, node.clientWidth]")
     assert width <= visible, "a long line runs off the log's right edge"
+
+
+# -- 6. logging out ------------------------------------------------------------------------------
+
+
+def test_log_out_revokes_the_token_on_the_server_and_forgets_it_even_offline(open_page, server):
+    page = open_page("alice", "alice123")
+    old = stored_token(page)
+    assert status_of(server, "/api/balance", old) == 200
+    page.get_by_test_id("logout").click()
+    expect(page.get_by_test_id("login-form")).to_be_visible()
+    expect(page.get_by_test_id("login-notice")).to_have_text(LOGGED_OUT)
+    expect(page.get_by_test_id("username")).to_have_value("alice")
+    assert stored_token(page) is None
+    assert status_of(server, "/api/balance", old) == 401  # a copy of the token died with the click
+
+    log_in(page, "alice", "alice123")
+    kept = stored_token(page)
+    page.route("**/api/logout", lambda route: route.abort("internetdisconnected"))
+    page.get_by_test_id("logout").click()
+    expect(page.get_by_test_id("login-notice")).to_have_text(LOGGED_OUT)
+    assert stored_token(page) is None  # the call failed: the tab forgets the token all the same
+    assert status_of(server, "/api/balance", kept) == 200
+
+
+# -- 7. a superadmin manages accounts from the dashboard ------------------------------------------
+
+
+def test_a_superadmin_disables_re_enables_and_changes_the_role_of_an_account_from_the_dashboard(open_page, server):
+    people = ids(server)
+    boss_id = token(server, "superadmin", "superadmin123")["user_id"]
+    admin = open_page("admin", "admin123", "/admin")
+    expect(admin.get_by_test_id("accounts").locator("tr[data-user]")).to_have_count(4)
+    expect(admin.locator("td.actions")).to_have_count(0)  # an admin may not manage accounts: no column at all
+    expect(admin.locator("[data-testid^=disable-], [data-testid^=make-]")).to_have_count(0)
+
+    dashboard = open_page("superadmin", "superadmin123", "/admin")
+    b = people["bob"]
+    expect(dashboard.get_by_test_id(f"disable-{b}")).to_be_visible()
+    expect(dashboard.locator(f'tr[data-user="{boss_id}"] td.actions button')).to_have_count(0)  # never its own row
+    answers: list[bool] = [False, True]  # the first confirm is cancelled, the second accepted
+    questions: list[str] = []
+
+    def answer(dialog) -> None:
+        questions.append(dialog.message)
+        dialog.accept() if answers.pop(0) else dialog.dismiss()
+
+    dashboard.on("dialog", answer)
+    dashboard.get_by_test_id(f"disable-{b}").click()
+    expect(dashboard.get_by_test_id(f"disable-{b}")).to_be_visible()
+    assert questions[0].startswith("Disable bob?")
+    assert status_of(server, "/api/balance", token(server, "bob", "bob123")["token"]) == 200  # cancelled: nothing changed
+
+    dashboard.get_by_test_id(f"disable-{b}").click()
+    expect(dashboard.get_by_test_id(f"disabled-{b}")).to_have_text("disabled")
+    expect(dashboard.get_by_test_id(f"enable-{b}")).to_be_visible()
+    expect(dashboard.get_by_test_id(f"disable-{b}")).to_have_count(0)
+    expect(admin.get_by_test_id(f"disabled-{b}")).to_be_visible()  # pushed to every admin as user_update
+    expect(admin.get_by_test_id("feed")).to_contain_text("bob: disabled, role user")
+    with pytest.raises(urllib.error.HTTPError):
+        token(server, "bob", "bob123")
+
+    dashboard.get_by_test_id(f"enable-{b}").click()  # re-enabling asks nothing
+    expect(dashboard.get_by_test_id(f"disabled-{b}")).to_have_count(0)
+    expect(admin.get_by_test_id(f"disabled-{b}")).to_have_count(0)
+    assert token(server, "bob", "bob123")["role"] == "user"
+
+    answers.append(True)
+    dashboard.get_by_test_id(f"make-admin-{b}").click()
+    assert questions[-1] == "Make bob an admin? Its sessions close and it must log in again."
+    expect(dashboard.get_by_test_id(f"cell-{b}-role")).to_have_text("admin")
+    expect(admin.get_by_test_id(f"cell-{b}-role")).to_have_text("admin")
+    expect(dashboard.get_by_test_id(f"make-admin-{b}")).to_have_count(0)
+    expect(dashboard.get_by_test_id(f"make-user-{b}")).to_be_visible()
+    assert token(server, "bob", "bob123")["role"] == "admin"
+
+
+# -- 8. an account disabled while its page is open -------------------------------------------------
+
+
+def test_a_disabled_account_returns_to_the_login_form_and_may_log_in_again_once_re_enabled(open_page, server):
+    a = ids(server)["alice"]
+    alice = open_page("alice", "alice123")
+    watcher = open_page("admin", "admin123", "/admin")
+    boss = open_page("superadmin", "superadmin123", "/admin")
+    boss.on("dialog", lambda dialog: dialog.accept())
+    boss.get_by_test_id(f"disable-{a}").click()
+
+    expect(alice.get_by_test_id("login-form")).to_be_visible(timeout=5_000)
+    expect(alice.get_by_test_id("login-notice")).to_have_text(ACCOUNT_CHANGED)
+    expect(alice.get_by_test_id("username")).to_have_value("alice")
+    alice.get_by_test_id("password").fill("alice123")
+    alice.get_by_test_id("login").click()
+    expect(alice.get_by_test_id("login-error")).to_have_text("This account is disabled.")
+    expect(watcher.get_by_test_id(f"disabled-{a}")).to_have_text("disabled")
+
+    boss.get_by_test_id(f"enable-{a}").click()
+    expect(watcher.get_by_test_id(f"disabled-{a}")).to_have_count(0)
+    log_in(alice, "alice", "alice123")
+    expect(alice.get_by_test_id("balance-USDT")).to_have_text("10000")

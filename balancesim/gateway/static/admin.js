@@ -1,7 +1,8 @@
-// Every account at once, kept live by admin_balance_monitor, trading_control_update and
-// trade_update: balances, control mode, open trades with their countdown, and P&L.
+// Every account at once, kept live by admin_balance_monitor, trading_control_update,
+// trade_update and user_update: balances, control mode, open trades with their countdown,
+// P&L, and (for a superadmin) disabling, re-enabling and changing the role of an account.
 import {
-  LiveSession, api, decidedBy, decimal, el, expire, forget, saved, secondsLeft, showLogin, units,
+  LiveSession, api, decidedBy, decimal, el, expire, forget, logout, saved, secondsLeft, showLogin, units,
 } from "/balancesim.js";
 
 const app = document.getElementById("app");
@@ -9,10 +10,28 @@ const PNL_TRADES = 1000;  // GET /api/admin/trades' largest page: P&L counts an 
 const FETCHES_AT_ONCE = 4;
 
 /**
- * Per-account actions, one button each in the row's last column (shown only when
- * some action applies): `{ label, testid, allowed(who, user), run(who, user) }`.
+ * Per-account actions, one button each in the row's last column (a column shown only
+ * to the `roles` that some action is for): `{ label, testid, roles, allowed(who, user),
+ * run(who, user) }`. `run` resolves to the account as the server now has it
+ * (`{user_id, username, role, disabled}`), or to null when nothing was done.
  */
-const ACCOUNT_ACTIONS = [];
+const ROLES = ["user", "admin", "superadmin"];
+// PATCH /api/users/{id} is a superadmin's, and never on its own account (409).
+const manages = (who, user) => who.role === "superadmin" && user.user_id !== who.user_id;
+const change = (body, question) => async (who, user) =>
+  !question || confirm(question(user)) ? api("PATCH", `/api/users/${user.user_id}`, body) : null;
+const ACCOUNT_ACTIONS = [
+  { label: "Disable", testid: "disable", roles: ["superadmin"], allowed: (who, user) => manages(who, user) && !user.disabled,
+    run: change({ disabled: true }, (user) =>
+      `Disable ${user.username}? Its sessions close at once and it cannot log in until re-enabled. Its money and history stay.`) },
+  { label: "Enable", testid: "enable", roles: ["superadmin"], allowed: (who, user) => manages(who, user) && user.disabled,
+    run: change({ disabled: false }) },
+  ...ROLES.map((role) => ({
+    label: `Make ${role}`, testid: `make-${role}`, roles: ["superadmin"],
+    allowed: (who, user) => manages(who, user) && user.role !== role,
+    run: change({ role }, (user) => `Make ${user.username} ${role === "user" ? "a" : "an"} ${role}? Its sessions close and it must log in again.`),
+  })),
+];
 
 async function start(who) {
   if (who.role === "user") {
@@ -26,10 +45,16 @@ async function start(who) {
   const rows = new Map();  // user_id → <tr> (its .user is the account as last shown)
   const open = new Map();  // trade_id → open Trade, every account's
   const pnl = new Map();   // user_id → { units, counted: Set<trade_id>, capped }
-  const actions = ACCOUNT_ACTIONS.length > 0;
+  // GET /api/users does not say which accounts are disabled: PATCH answers and user_update do.
+  const disabled = new Map();  // user_id → bool
+  const actions = ACCOUNT_ACTIONS.some((a) => a.roles.includes(who.role));
+  const failure = el("p", { class: "error", "data-testid": "action-error" });
+  let session = null;
   const columns = ["user", "role", "USDT", "BTC", "ETH", "version", "mode", "open trades", "P&L (USDT)", ...(actions ? [""] : [])];
   app.replaceChildren(
-    el("header", {}, el("span", {}, `${who.username} (${who.role})`), status, el("a", { href: "/test-balance-sync.html" }, "test page")),
+    el("header", {}, el("span", {}, `${who.username} (${who.role})`), status, el("a", { href: "/test-balance-sync.html" }, "test page"),
+      el("button", { "data-testid": "logout", onclick: () => logout(session) }, "Log out")),
+    failure,
     el("table", { class: "cards accounts", "data-testid": "accounts" },
       el("thead", {}, el("tr", {}, ...columns.map((h) => el("th", {}, h)))), body),
     el("p", { class: "muted" }, `P&L: payouts minus stakes of settled trades (an account's latest ${PNL_TRADES}).`),
@@ -44,14 +69,19 @@ async function start(who) {
       rows.set(user.user_id, tr);
       body.append(tr);
     }
-    tr.replaceChildren(el("td", { "data-label": "user" }, `${user.username} #${user.user_id}`), el("td", { "data-label": "role" }, user.role),
+    user = { ...user, disabled: disabled.get(user.user_id) === true };
+    tr.classList.toggle("disabled", user.disabled);
+    tr.replaceChildren(
+      el("td", { "data-label": "user" }, `${user.username} #${user.user_id}`,
+        ...(user.disabled ? [" ", el("span", { class: "badge", "data-testid": `disabled-${user.user_id}` }, "disabled")] : [])),
+      cell(user, "role", "role", user.role),
       ...["USDT", "BTC", "ETH"].map((a) => cell(user, a, a, user.balances[a])),
       cell(user, "version", "version", String(user.version)),
       cell(user, "mode", "mode", user.control_mode),
       cell(user, "open", "open trades"),
       cell(user, "pnl", "P&L (USDT)"),
       ...(actions ? [el("td", { class: "actions" }, ...ACCOUNT_ACTIONS.filter((a) => a.allowed(who, user)).map((a) =>
-        el("button", { "data-testid": `${a.testid}-${user.user_id}`, onclick: () => a.run(who, user) }, a.label)))] : []));
+        el("button", { "data-testid": `${a.testid}-${user.user_id}`, onclick: (event) => act(event.currentTarget, a.run(who, user)) }, a.label)))] : []));
     tr.user = user;
     drawOpen(user.user_id);
     drawPnl(user.user_id);
@@ -102,6 +132,24 @@ async function start(who) {
     drawPnl(userId);
   };
   const reload = async () => (await api("GET", "/api/users")).users.forEach(row);
+  // A PATCH answer or a user_update: the account's role and disabled flag as the server has them.
+  const changed = (account) => {
+    disabled.set(account.user_id, account.disabled);
+    const known = rows.get(account.user_id)?.user;
+    if (known) row({ ...known, role: account.role });
+  };
+  const act = async (button, running) => {
+    failure.textContent = "";
+    button.disabled = true;
+    try {
+      const account = await running;
+      if (account) changed(account);
+    } catch (error) {
+      failure.textContent = error.message;
+    } finally {
+      button.disabled = false;
+    }
+  };
 
   try {
     await reload();
@@ -120,7 +168,7 @@ async function start(who) {
     node.textContent = `${Math.max(0, (Date.parse(node.dataset.expires) - Date.now()) / 1000).toFixed(0)} s`;
   }), 500);
 
-  new LiveSession(who.token, {
+  session = new LiveSession(who.token, {
     onState: (value) => { status.dataset.state = value; status.textContent = value; },
     onUnauthorized: expire,
     onBalance: () => reload().catch(() => {}),
@@ -130,6 +178,10 @@ async function start(who) {
         feed.prepend(el("li", {}, `${message.ts} ${message.username}: ${message.change_type} ${message.change} ${message.asset} → ${message.balance} (v${message.version})`));
         if (!known) return reload().then(() => loadPnl(message.user_id)).catch(() => {});
         if (message.version > known.version) row({ ...known, version: message.version, balances: { ...known.balances, [message.asset]: message.balance } });
+      } else if (message.type === "user_update") {
+        const what = [message.disabled ? "disabled" : "enabled", `role ${message.role}`].join(", ");
+        feed.prepend(el("li", {}, `${message.ts} ${message.username}: ${what} (by #${message.set_by})`));
+        changed(message);
       } else if (message.type === "trading_control_update") {
         feed.prepend(el("li", {}, `${message.ts} user #${message.user_id}: control mode → ${message.mode} (by #${message.set_by})`));
         if (known) row({ ...known, control_mode: message.mode });

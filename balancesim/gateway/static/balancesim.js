@@ -3,7 +3,12 @@
 
 const TOKEN_KEY = "balancesim.login";
 const NOTICE_KEY = "balancesim.notice";  // shown once on the login form after a reload
+const USERNAME_KEY = "balancesim.username";  // the login form's username after a reload
 export const EXPIRED = "Your session has expired; please log in again.";
+export const LOGGED_OUT = "You have logged out.";
+export const ACCOUNT_CHANGED = "An administrator changed this account (disabled it or changed its role); please log in again.";
+// What the gateway says when it closes a session with 4001 (_fanout.py), in the user's words.
+const CLOSE_REASONS = { "the account was changed: log in again": ACCOUNT_CHANGED };
 
 export function saved() {
   const raw = sessionStorage.getItem(TOKEN_KEY);  // per tab: each tab may be another user
@@ -15,16 +20,43 @@ export function forget() {
 }
 
 /**
- * The stored token was refused (HTTP 401 or WebSocket close 4001): drop it and
- * reload, so that the page starts afresh on the login form with EXPIRED.
+ * The stored token was refused (HTTP 401, or WebSocket close 4001 with the server's
+ * `reason`): drop it and reload, so that the page starts afresh on the login form
+ * with a notice that says why, and the username filled in.
  */
 let expiring = false;
-export function expire() {
+export function expire(reason) {
   if (expiring) return;
   expiring = true;
+  leave(CLOSE_REASONS[reason] ?? EXPIRED);
+}
+
+function leave(notice) {
+  const username = saved()?.username;
   forget();
-  sessionStorage.setItem(NOTICE_KEY, EXPIRED);
+  sessionStorage.setItem(NOTICE_KEY, notice);
+  if (username) sessionStorage.setItem(USERNAME_KEY, username);
   location.reload();
+}
+
+/**
+ * The Log out button: the server revokes the token at once (POST /api/logout), so a
+ * copy of it is worthless too. Stop `session` first (the server closes it with 4001,
+ * which is no expiry). The page forgets the token whatever the answer: a network
+ * failure, or a token already refused, still logs this tab out.
+ */
+export async function logout(session) {
+  session?.stop();
+  expiring = true;  // a 401 racing the click must not turn into "expired"
+  const token = saved()?.token;
+  if (token) {
+    try {
+      await fetch("/api/logout", { method: "POST", headers: { Authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(5000) });
+    } catch {
+      // offline or timed out: forget locally all the same
+    }
+  }
+  leave(LOGGED_OUT);
 }
 
 export async function login(username, password) {
@@ -39,6 +71,7 @@ export class ApiError extends Error {
     super(`${status} ${code}: ${message}`);
     this.status = status;
     this.code = code;
+    this.detail = message;  // the server's human sentence alone
   }
 }
 
@@ -104,7 +137,7 @@ export class LiveSession {
     const socket = (this.socket = new WebSocket(`${scheme}://${location.host}/ws?token=${encodeURIComponent(this.token)}${since}`));
     socket.onopen = () => { socket.opened = true; };
     socket.onmessage = (event) => this.receive(JSON.parse(event.data));
-    socket.onclose = (event) => this.closed(event.code, socket.opened);
+    socket.onclose = (event) => this.closed(event.code, socket.opened, event.reason);
   }
 
   receive(message) {
@@ -126,10 +159,10 @@ export class LiveSession {
     this.onMessage(message);
   }
 
-  closed(code, opened) {
+  closed(code, opened, reason) {
     if (this.stopped) return;
     if (code === 4001) {
-      this.onUnauthorized();
+      this.onUnauthorized(reason);
       return;
     }
     // A refused handshake (a 401 for a stale token) reaches a browser only as 1006:
@@ -185,14 +218,18 @@ export function showLogin(container, onLoggedIn) {
   sessionStorage.removeItem(NOTICE_KEY);
   if (!notice.textContent) notice.hidden = true;
   const error = el("p", { class: "error", "data-testid": "login-error" });
-  const username = el("input", { name: "username", "data-testid": "username", autocomplete: "username", required: "" });
+  const username = el("input", { name: "username", "data-testid": "username", autocomplete: "username", required: "",
+    value: sessionStorage.getItem(USERNAME_KEY) || "" });
+  sessionStorage.removeItem(USERNAME_KEY);
   const password = el("input", { name: "password", type: "password", "data-testid": "password", autocomplete: "current-password", required: "" });
   const form = el("form", { class: "login", "data-testid": "login-form", onsubmit: async (event) => {
     event.preventDefault();
     try {
       onLoggedIn(await login(username.value, password.value));
     } catch (failure) {
-      error.textContent = failure.message;
+      // A refused login in the server's words ("this account is disabled"), as a sentence.
+      const detail = failure.status === 401 && failure.detail;
+      error.textContent = detail ? `${detail[0].toUpperCase()}${detail.slice(1)}.` : failure.message;
     }
   } },
     notice, el("label", {}, "Username ", username), el("label", {}, "Password ", password),

@@ -3,7 +3,7 @@
 // account's transactions page by page) beside a log of every message, and a
 // comprehensive test that checks each operation against what the socket delivers.
 import {
-  LiveSession, api, decidedBy, decimal, el, expire, forget, saved, secondsLeft, showLogin, units,
+  LiveSession, api, decidedBy, decimal, el, expire, logout, saved, secondsLeft, showLogin, units,
 } from "/balancesim.js";
 
 const app = document.getElementById("app");
@@ -32,7 +32,7 @@ function start(who) {
     el("header", {},
       el("span", { "data-testid": "who" }, `${who.username} (${who.role}, #${who.user_id})`), status,
       el("span", {}, "control mode ", mode),
-      el("button", { "data-testid": "logout", onclick: () => { session.stop(); forget(); location.reload(); } }, "Log out")),
+      el("button", { "data-testid": "logout", onclick: () => logout(session) }, "Log out")),
     balances,
     el("div", { class: "columns" },
       el("div", { class: "trader", "data-testid": "trader-view" },
