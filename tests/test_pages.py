@@ -22,7 +22,7 @@ from tests.test_browser import ARTIFACTS, api, browser, token  # noqa: F401  (br
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
 EXPIRED = "Your session has expired; please log in again."
 LOGGED_OUT = "You have logged out."
-ACCOUNT_CHANGED = "An administrator changed this account (disabled it or changed its role); please log in again."
+ACCOUNT_DISABLED = "An administrator disabled this account."
 TIME_SCALE = 0.1  # a 30 s trade lasts 3 s, a 60 s one 6 s
 
 
@@ -380,12 +380,15 @@ def test_a_disabled_account_returns_to_the_login_form_and_may_log_in_again_once_
     boss.get_by_test_id(f"disable-{a}").click()
 
     expect(alice.get_by_test_id("login-form")).to_be_visible(timeout=5_000)
-    expect(alice.get_by_test_id("login-notice")).to_have_text(ACCOUNT_CHANGED)
+    expect(alice.get_by_test_id("login-notice")).to_have_text(ACCOUNT_DISABLED)
     expect(alice.get_by_test_id("username")).to_have_value("alice")
     alice.get_by_test_id("password").fill("alice123")
     alice.get_by_test_id("login").click()
     expect(alice.get_by_test_id("login-error")).to_have_text("This account is disabled.")
     expect(watcher.get_by_test_id(f"disabled-{a}")).to_have_text("disabled")
+    # A dashboard opened now knows it too (GET /api/users?include=disabled), before any push.
+    late = open_page("admin", "admin123", "/admin")
+    expect(late.get_by_test_id(f"disabled-{a}")).to_have_text("disabled")
 
     boss.get_by_test_id(f"enable-{a}").click()
     expect(watcher.get_by_test_id(f"disabled-{a}")).to_have_count(0)

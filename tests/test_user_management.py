@@ -73,6 +73,18 @@ class UserManagement(GatewayCase):
         assert all(c[3] for c in changes)
 
     @gen_test
+    async def test_users_keep_their_contracted_shape_and_include_disabled_adds_the_flag(self):
+        await self.people()
+        await self.patch(self.alice["user_id"], {"disabled": True})
+        plain = (await self.call("GET", "/api/users", token=self.admin["token"]))[1]["users"]
+        assert all("disabled" not in user for user in plain)
+        status, body = await self.call("GET", "/api/users?include=disabled", token=self.admin["token"])
+        flags = {user["username"]: user["disabled"] for user in body["users"]}
+        assert status == 200 and flags == {"boss": False, "admin": False, "alice": True}
+        status, body = await self.call("GET", "/api/users?include=passwords", token=self.admin["token"])
+        assert (status, body["error"]["code"]) == (400, "invalid_request")
+
+    @gen_test
     async def test_a_demoted_admin_loses_admin_rights_at_once(self):
         await self.people()
         assert (await self.call("GET", "/api/users", token=self.admin["token"]))[0] == 200

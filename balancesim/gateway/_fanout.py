@@ -29,7 +29,11 @@ from balancesim.routing import Audiences, Delivery, route
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hub", "Subscriber"]
+__all__ = ["Hub", "Subscriber", "ACCOUNT_DISABLED", "ROLE_CHANGED"]
+
+# Close reasons (4001) of a user change: the pages show each in plain words.
+ACCOUNT_DISABLED = "the account was disabled"
+ROLE_CHANGED = "the account's role changed: log in again"
 
 
 class Subscriber(Protocol):
@@ -139,7 +143,7 @@ class Hub:
             if kind is UserCreated:
                 self._usernames[event.user_id] = event.username
             elif kind is UserUpdated:
-                self._revoke(event.user_id)
+                self._revoke(event)
             for delivery in route(event, self._usernames.get):
                 self._deliver(delivery)
 
@@ -153,13 +157,13 @@ class Hub:
             session.close(code, reason)
         return len(closing)
 
-    def _revoke(self, user_id: int) -> None:
+    def _revoke(self, event: UserUpdated) -> None:
         # In event order, before the PATCH that caused it is answered (its reply
         # reaches the loop after this batch): no request of the old role gets through.
         if self.tokens is not None:
             assert self.loop is not None
-            self.loop.add_future(asyncio.ensure_future(self.tokens.revoke_user(user_id)), _log_failure)
-        self.close_sessions(user_id, reason="the account was changed: log in again")
+            self.loop.add_future(asyncio.ensure_future(self.tokens.revoke_user(event.user_id)), _log_failure)
+        self.close_sessions(event.user_id, reason=ACCOUNT_DISABLED if event.disabled else ROLE_CHANGED)
 
     def _resolve(self, user_ids: set[int]) -> None:
         """Read the names the hub lacks off the loop; the held batches wait for them."""

@@ -256,7 +256,12 @@ class UsersHandler(ApiHandler):
     @api
     async def get(self) -> Result:
         await self.who(MAY["read_all"])
-        return 200, {"users": await self.ctx.blocking(self.ctx.engine.users)}
+        # The contract fixes each entry's shape; ``include=disabled`` adds the flag (the dashboard's).
+        include = self.get_query_argument("include", None) or None
+        if include not in (None, "disabled"):
+            raise errors.InvalidRequest("include must be disabled")
+        users = functools.partial(self.ctx.engine.users, with_disabled=include == "disabled")
+        return 200, {"users": await self.ctx.blocking(users)}
 
     @api
     async def post(self) -> Result:

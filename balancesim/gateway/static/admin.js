@@ -45,7 +45,8 @@ async function start(who) {
   const rows = new Map();  // user_id → <tr> (its .user is the account as last shown)
   const open = new Map();  // trade_id → open Trade, every account's
   const pnl = new Map();   // user_id → { units, counted: Set<trade_id>, capped }
-  // GET /api/users does not say which accounts are disabled: PATCH answers and user_update do.
+  // GET /api/users?include=disabled says which accounts are disabled; PATCH answers and
+  // user_update keep it current.
   const disabled = new Map();  // user_id → bool
   const actions = ACCOUNT_ACTIONS.some((a) => a.roles.includes(who.role));
   const failure = el("p", { class: "error", "data-testid": "action-error" });
@@ -131,7 +132,10 @@ async function start(who) {
     trades.forEach(remember);
     drawPnl(userId);
   };
-  const reload = async () => (await api("GET", "/api/users")).users.forEach(row);
+  const reload = async () => (await api("GET", "/api/users?include=disabled")).users.forEach((user) => {
+    disabled.set(user.user_id, user.disabled);
+    row(user);
+  });
   // A PATCH answer or a user_update: the account's role and disabled flag as the server has them.
   const changed = (account) => {
     disabled.set(account.user_id, account.disabled);

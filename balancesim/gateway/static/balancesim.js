@@ -6,9 +6,13 @@ const NOTICE_KEY = "balancesim.notice";  // shown once on the login form after a
 const USERNAME_KEY = "balancesim.username";  // the login form's username after a reload
 export const EXPIRED = "Your session has expired; please log in again.";
 export const LOGGED_OUT = "You have logged out.";
-export const ACCOUNT_CHANGED = "An administrator changed this account (disabled it or changed its role); please log in again.";
+export const ACCOUNT_CHANGED = "An administrator changed this account's role; please log in again.";
+export const ACCOUNT_DISABLED = "An administrator disabled this account.";
 // What the gateway says when it closes a session with 4001 (_fanout.py), in the user's words.
-const CLOSE_REASONS = { "the account was changed: log in again": ACCOUNT_CHANGED };
+const CLOSE_REASONS = {
+  "the account's role changed: log in again": ACCOUNT_CHANGED,
+  "the account was disabled": ACCOUNT_DISABLED,
+};
 
 export function saved() {
   const raw = sessionStorage.getItem(TOKEN_KEY);  // per tab: each tab may be another user
