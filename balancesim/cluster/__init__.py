@@ -1,0 +1,47 @@
+"""Cluster mode: accounts placed on shards, and messages that cross Redis signed.
+
+Pure and independent of Redis: ``_placement`` says which shard an account lives
+on and records that in every shard file; ``_wire`` seals every command, event and
+reply with an HMAC under the cluster's secret, and opens only what verifies.
+"""
+
+from balancesim.cluster._placement import (
+    HASH_SCHEME,
+    MAX_ID,
+    MAX_SHARDS,
+    PARTITIONS,
+    Placement,
+    PlacementError,
+    ShardRecord,
+    check,
+    partition_of_username,
+    placement_of_data_dir,
+    record,
+    recorded,
+    shard_file,
+    shard_of_user_id,
+    shard_of_username,
+    split_transaction_id,
+    split_user_id,
+    transaction_id_for,
+    user_id_for,
+)
+from balancesim.cluster._wire import (
+    MIN_SECRET_CHARS,
+    SECRET_ENV,
+    SECRET_FILE,
+    Forged,
+    Secret,
+    SecretError,
+    load_secret,
+    open_sealed,
+    seal,
+)
+
+__all__ = [
+    "HASH_SCHEME", "MAX_ID", "MAX_SHARDS", "MIN_SECRET_CHARS", "PARTITIONS", "SECRET_ENV",
+    "SECRET_FILE", "Forged", "Placement", "PlacementError", "Secret", "SecretError",
+    "ShardRecord", "check", "partition_of_username", "placement_of_data_dir", "record",
+    "recorded", "shard_file", "shard_of_user_id", "shard_of_username", "split_transaction_id",
+    "split_user_id", "transaction_id_for", "user_id_for", "load_secret", "open_sealed", "seal",
+]
