@@ -1,5 +1,17 @@
 """Cluster mode: shards and gateways over Redis (see PROTOCOL.md, "Cluster mode")."""
 
+from balancesim.cluster._backoff import Backoff
 from balancesim.cluster._redis_server import RedisNotFound, RedisServer
+from balancesim.cluster._streams import Consumer, Entry, NotSent, Producer, Tail, Unknown
 
-__all__ = ["RedisNotFound", "RedisServer"]
+__all__ = [
+    "Backoff",
+    "Consumer",
+    "Entry",
+    "NotSent",
+    "Producer",
+    "RedisNotFound",
+    "RedisServer",
+    "Tail",
+    "Unknown",
+]
