@@ -203,7 +203,8 @@ class Producer:
             raise
         except BaseException as error:  # noqa: BLE001 - any failure here leaves the outcome open
             self.unknown += len(batch)
-            self._fail(batch, Unknown(f"connection failed with the XADD in flight: {error!r}"))
+            reason = f"{type(error).__name__}: {error}"
+            self._fail(batch, Unknown(f"connection failed with the XADD in flight: {reason}"))
             if not isinstance(error, Exception):
                 raise
             return
