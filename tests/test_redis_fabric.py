@@ -152,6 +152,24 @@ def test_tcp_when_asked(tmp_path_factory):
         assert redis.Redis.from_url(server.url).ping()
 
 
+def test_hiredis_packing_sends_the_same_bytes_as_redis_py():
+    from redis.asyncio.connection import Connection
+
+    from balancesim.cluster._streams import _hiredis_packing
+
+    plain, packed = Connection(), _hiredis_packing(Connection)()
+    for command in [
+        ("XADD", "commands", "MAXLEN", "~", 100_000, "*", "n", 1.5, "é", b"\x00\xff"),
+        ("XINFO STREAM", "events"),
+        ("XACK", b"commands", "shard", bytearray(b"1-0"), memoryview(b"2-0")),
+        ("SET", "k", 2**70, "PX", -1),
+    ]:
+        assert b"".join(packed.pack_command(*command)) == b"".join(plain.pack_command(*command))
+    for bad in (True, None, object()):
+        with pytest.raises(redis.exceptions.DataError):
+            packed.pack_command("SET", "k", bad)
+
+
 # --- the producer -----------------------------------------------------------------------
 
 

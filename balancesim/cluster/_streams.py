@@ -23,12 +23,15 @@ Every reader has its own connection: a blocking read holds one for up to ``block
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+import hiredis
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -71,13 +74,50 @@ Handler = Callable[[Sequence[Entry]], Awaitable[None]]
 
 
 def _client(url: str, *, socket_timeout_s: float, connect_timeout_s: float) -> redis.asyncio.Redis:
-    """A client with redis-py's retries off: the caller decides what a failure means."""
-    return redis.asyncio.Redis.from_url(
+    """A client with redis-py's retries off (the caller decides what a failure means) and
+    commands packed by hiredis."""
+    pool = redis.asyncio.ConnectionPool.from_url(
         url,
         retry=Retry(NoBackoff(), 0),
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
     )
+    pool.connection_class = _hiredis_packing(pool.connection_class)
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
+@functools.cache
+def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``base`` with commands packed in C by hiredis.
+
+    redis-py's asyncio connections pack in pure Python (its sync ones already use hiredis):
+    measured here, 24 µs of client CPU per pipelined XADD against 15 µs with hiredis, and
+    packing is the largest part of what a gateway spends per command on Redis.
+    """
+
+    class HiredisPacking(base):  # type: ignore[valid-type, misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            # As redis-py's own encoder: a command name may carry its subcommand
+            # ("XINFO STREAM"), floats are sent as repr(), bools and None are refused.
+            name = args[0]
+            head = tuple(name.encode().split() if isinstance(name, str) else name.split())
+            rest = []
+            for arg in args[1:]:
+                if isinstance(arg, (bytes, str)) or type(arg) is int:
+                    rest.append(arg)
+                elif type(arg) is float:
+                    rest.append(repr(arg))
+                elif isinstance(arg, (bytearray, memoryview)):
+                    rest.append(bytes(arg))
+                else:
+                    raise redis.exceptions.DataError(
+                        f"Invalid input of type: '{type(arg).__name__}'. "
+                        "Convert to a bytes, string, int or float first."
+                    )
+            return [hiredis.pack_command((*head, *rest))]
+
+    HiredisPacking.__name__ = f"HiredisPacking{base.__name__}"
+    return HiredisPacking
 
 
 def _text(value: bytes | str) -> str:
