@@ -454,6 +454,21 @@ async def test_a_tail_starts_over_on_a_stream_whose_ids_went_back(server):
         await producer.aclose()
 
 
+@run_async
+async def test_stop_ends_a_reader_wherever_it_is(server):
+    # A cancellation swallowed anywhere (asyncio.wait_for in 3.11 did, inside redis-py)
+    # would leave stop() waiting for the whole 30 s blocking read.
+    for yields in range(16):
+        for reader in (
+            Consumer(server.url, "commands", "shard", "shard-0", Collector(), block_ms=30_000),
+            Tail(server.url, "events", Collector(), block_ms=30_000),
+        ):
+            reader.start()
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            await asyncio.wait_for(reader.stop(), 5)
+
+
 # --- Redis dies -------------------------------------------------------------------------
 
 

@@ -73,13 +73,19 @@ class Entry:
 Handler = Callable[[Sequence[Entry]], Awaitable[None]]
 
 
-def _client(url: str, *, socket_timeout_s: float, connect_timeout_s: float) -> redis.asyncio.Redis:
-    """A client with redis-py's retries off (the caller decides what a failure means) and
-    commands packed by hiredis."""
+def _client(url: str, *, connect_timeout_s: float) -> redis.asyncio.Redis:
+    """A client with redis-py's retries off (the caller decides what a failure means),
+    commands packed by hiredis, and no ``socket_timeout``.
+
+    With a ``socket_timeout`` redis-py wraps every write in ``asyncio.wait_for``, which on
+    Python 3.11 swallows a cancellation that arrives as the write completes (CPython
+    gh-86296, fixed in 3.12): measured here, a reader's ``stop()`` then hung for a whole
+    blocking read, one time in three. Every operation here is bounded with
+    ``asyncio.timeout`` instead, which keeps cancellations.
+    """
     pool = redis.asyncio.ConnectionPool.from_url(
         url,
         retry=Retry(NoBackoff(), 0),
-        socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
     )
     pool.connection_class = _hiredis_packing(pool.connection_class)
@@ -182,7 +188,8 @@ class Producer:
         """``timeout_s`` bounds connecting and each pipeline's reply; past it, ``Unknown``."""
         self.maxlen = maxlen
         self.max_batch = max_batch
-        self._client = _client(url, socket_timeout_s=timeout_s, connect_timeout_s=timeout_s)
+        self.timeout_s = timeout_s
+        self._client = _client(url, connect_timeout_s=timeout_s)
         self._pending: list[_Add] = []
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
@@ -237,7 +244,8 @@ class Producer:
             self._fail(batch, NotSent(f"cannot connect to Redis: {error}"))
             return
         try:
-            results = await pipe.execute(raise_on_error=False)
+            async with asyncio.timeout(self.timeout_s):
+                results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             self._fail(batch, Unknown("cancelled with the pipeline in flight"))
             raise
@@ -294,12 +302,11 @@ class _Reader:
         self.count = count
         self.block_ms = block_ms
         self.backoff = backoff
+        self.timeout_s = timeout_s
         self._handler = handler
-        # A blocking read legitimately waits block_ms; only silence beyond that is a failure.
-        self._client = _client(
-            url, socket_timeout_s=block_ms / 1000 + timeout_s, connect_timeout_s=timeout_s
-        )
+        self._client = _client(url, connect_timeout_s=timeout_s)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.reconnects = 0
         """Times the reader got going again after losing Redis or its group (for metrics)."""
         self.delivered = 0
@@ -320,6 +327,7 @@ class _Reader:
 
     async def stop(self) -> None:
         """Stop reading (a handler in progress is cancelled, its batch not acked); close."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -339,6 +347,10 @@ class _Reader:
     async def _step(self) -> None:
         raise NotImplementedError
 
+    def _read_deadline(self) -> asyncio.Timeout:
+        """Bounds one blocking read: it legitimately waits ``block_ms``, no longer."""
+        return asyncio.timeout(self.block_ms / 1000 + self.timeout_s)
+
     async def _deliver(self, entries: list[Entry]) -> None:
         try:
             await self._handler(entries)
@@ -351,15 +363,18 @@ class _Reader:
     async def _run(self) -> None:
         attempt = 0
         lost = False
-        while True:
+        # _stopping as well as the cancellation: should a library swallow the cancellation,
+        # the loop still ends after the read in progress.
+        while not self._stopping:
             try:
-                await self._setup()
+                async with asyncio.timeout(self.timeout_s):
+                    await self._setup()
                 if lost:
                     self.reconnects += 1
                     log.info("%s: back on Redis after %d attempts", self._task.get_name(), attempt)
                     lost = False
                 self.connected = True
-                while True:
+                while not self._stopping:
                     await self._step()
                     attempt = 0
             except asyncio.CancelledError:
@@ -380,6 +395,8 @@ class _Reader:
                 self.last_error = f"redis: {error}"
                 log.warning("%s: %s", self._task.get_name(), error)
             self.connected = False
+            if self._stopping:
+                return
             await asyncio.sleep(self.backoff.delay_s(attempt))
             attempt += 1
 
@@ -430,16 +447,17 @@ class Consumer(_Reader):
         pending = self._cursor != ">"
         block = None if pending else self.block_ms
         streams = {self.stream: self._cursor}
-        if self._to_ack:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.xack(self.stream, self.group, *self._to_ack)
-            pipe.xreadgroup(self.group, self.consumer, streams, count=self.count, block=block)
-            _, response = await pipe.execute()
-            self._to_ack = []
-        else:
-            response = await self._client.xreadgroup(
-                self.group, self.consumer, streams, count=self.count, block=block
-            )
+        async with self._read_deadline():
+            if self._to_ack:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.xack(self.stream, self.group, *self._to_ack)
+                pipe.xreadgroup(self.group, self.consumer, streams, count=self.count, block=block)
+                _, response = await pipe.execute()
+                self._to_ack = []
+            else:
+                response = await self._client.xreadgroup(
+                    self.group, self.consumer, streams, count=self.count, block=block
+                )
         entries, trimmed = _entries(self.stream, response)
         if pending:
             if not entries and not trimmed:
@@ -457,9 +475,8 @@ class Consumer(_Reader):
         # The last batch's ack would otherwise wait for a next read that never comes.
         if self._to_ack:
             try:
-                await asyncio.wait_for(
-                    self._client.xack(self.stream, self.group, *self._to_ack), 1.0
-                )
+                async with asyncio.timeout(1.0):
+                    await self._client.xack(self.stream, self.group, *self._to_ack)
                 self._to_ack = []
             except (*_CONNECTION_ERRORS, redis.exceptions.RedisError):
                 pass  # redelivered to this consumer name next time: at least once
@@ -513,9 +530,10 @@ class Tail(_Reader):
             self.last_id = "0-0"
 
     async def _step(self) -> None:
-        response = await self._client.xread(
-            {self.stream: self.last_id}, count=self.count, block=self.block_ms
-        )
+        async with self._read_deadline():
+            response = await self._client.xread(
+                {self.stream: self.last_id}, count=self.count, block=self.block_ms
+            )
         entries, _ = _entries(self.stream, response)
         if entries:
             await self._deliver(entries)
