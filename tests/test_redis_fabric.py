@@ -95,6 +95,18 @@ def id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def test_backoff_grows_jittered_and_stays_bounded():
+    import random
+
+    backoff, rng = Backoff(initial_s=0.1, max_s=2.0), random.Random(7)
+    delays = [backoff.delay_s(attempt, rng) for attempt in range(2000)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(1.0 <= delay <= 2.0 for delay in delays[5:])  # capped, never a hot loop
+    assert len({round(delay, 6) for delay in delays[5:]}) > 100  # jittered
+    with pytest.raises(ValueError):
+        Backoff(initial_s=0)
+
+
 # --- the server -------------------------------------------------------------------------
 
 
@@ -182,6 +194,19 @@ async def test_the_adds_of_one_loop_turn_go_out_in_one_pipeline(server, monkeypa
         assert executes == [100]
         assert producer.pipelines == 1
         assert ids == sorted(ids, key=id_key) and len(set(ids)) == 100
+    finally:
+        await producer.aclose()
+
+
+@run_async
+async def test_a_bad_field_fails_its_own_add_at_once_not_the_turn(server):
+    producer = Producer(server.url)
+    try:
+        good = producer.add("commands", {"n": 1})
+        for bad in ({}, {"n": None}, {"n": True}, {"n": [1]}):
+            with pytest.raises(redis.exceptions.DataError):
+                producer.add("commands", bad)
+        assert await good
     finally:
         await producer.aclose()
 

@@ -2,12 +2,21 @@
 
 from balancesim.cluster._backoff import Backoff
 from balancesim.cluster._redis_server import RedisNotFound, RedisServer
-from balancesim.cluster._streams import Consumer, Entry, NotSent, Producer, Tail, Unknown
+from balancesim.cluster._streams import (
+    Consumer,
+    Entry,
+    Handler,
+    NotSent,
+    Producer,
+    Tail,
+    Unknown,
+)
 
 __all__ = [
     "Backoff",
     "Consumer",
     "Entry",
+    "Handler",
     "NotSent",
     "Producer",
     "RedisNotFound",

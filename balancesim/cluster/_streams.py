@@ -26,7 +26,7 @@ import asyncio
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Self, Sequence
 
 import hiredis
 import redis.asyncio
@@ -126,6 +126,10 @@ def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]
     return HiredisPacking
 
 
+def _is_field_value(value: object) -> bool:
+    return isinstance(value, (bytes, str, float)) or type(value) is int
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -209,6 +213,15 @@ class Producer:
         """
         if self._closed:
             raise RuntimeError("the producer is closed")
+        # Refused here, to its own caller: found while packing the pipeline, a bad field
+        # would fail every add of the turn.
+        if not fields:
+            raise redis.exceptions.DataError("an entry needs at least one field")
+        for key, value in fields.items():
+            if not (isinstance(key, (bytes, str)) and _is_field_value(value)):
+                raise redis.exceptions.DataError(
+                    f"field {key!r}: {type(value).__name__} is not bytes, str, int or float"
+                )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._pending.append(_Add(stream, fields, self.maxlen if maxlen == -1 else maxlen, future))
@@ -316,7 +329,7 @@ class _Reader:
         self.last_error: str | None = None
         """The last failure, for ``/readyz`` and logs (never contains the password)."""
 
-    def start(self) -> "_Reader":
+    def start(self) -> Self:
         """Start reading in a task of the running loop; returns ``self``."""
         if self._task is not None:
             raise RuntimeError("already started")
