@@ -1,9 +1,16 @@
-"""Cluster mode: accounts placed on shards, and messages that cross Redis signed.
+"""Cluster mode: shards and gateways over Redis (see docs/protocol.md, "Cluster mode").
 
-Pure and independent of Redis: ``_placement`` says which shard an account lives
-on and records that in every shard file; ``_wire`` seals every command, event and
-reply with an HMAC under the cluster's secret, and opens only what verifies.
+The parts so far: ``_placement`` (pure) says which shard an account lives on and
+records that in every shard file; ``_wire`` (pure) seals every command, event and
+reply with an HMAC under the cluster's secret, and opens only what verifies;
+``_redis_server`` runs a private ``redis-server`` that forgets on restart, and
+``_streams`` is the Streams fabric over it (coalescing producer, consumer group,
+tail), which never hides a failure. The shard and gateway processes come next.
 """
+
+from balancesim.cluster._backoff import Backoff
+from balancesim.cluster._redis_server import RedisNotFound, RedisServer
+from balancesim.cluster._streams import Consumer, Entry, Handler, NotSent, Producer, Tail, Unknown
 
 from balancesim.cluster._placement import (
     HASH_SCHEME,
@@ -39,6 +46,8 @@ from balancesim.cluster._wire import (
 )
 
 __all__ = [
+    "Backoff", "Consumer", "Entry", "Handler", "NotSent", "Producer", "RedisNotFound", "RedisServer",
+    "Tail", "Unknown",
     "HASH_SCHEME", "MAX_ID", "MAX_SHARDS", "MIN_SECRET_CHARS", "PARTITIONS", "SECRET_ENV",
     "SECRET_FILE", "Forged", "Placement", "PlacementError", "Secret", "SecretError",
     "ShardRecord", "check", "partition_of_username", "placement_of_data_dir", "record",
