@@ -55,6 +55,11 @@ def pages(browser, server, request) -> Iterator:
         return page
 
     yield open_as
+    close_pages(opened, request)
+
+
+def close_pages(opened: list[Page], request: pytest.FixtureRequest) -> None:
+    """Close every page a test opened; if its body failed, screenshot them first (the evidence)."""
     if getattr(request.node, "failed", False):
         ARTIFACTS.mkdir(exist_ok=True)
         for index, page in enumerate(opened):

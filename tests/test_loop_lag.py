@@ -5,9 +5,10 @@ creating a few dozen users stalled every session for about a second. Here the
 server runs on its own loop in a thread of this process and measures that loop's
 lag with a periodic callback; its clients run in another process, so they do not
 share its GIL. The bound is far above a noisy 2-core machine's normal lag and far
-below what on-loop hashing costs. Measured here: with scrypt on the loop the loop
-stalled 1,787 ms; off it, 40-80 ms on a quiet machine and up to 220 ms while other
-test suites ran beside it (the OS, not this process, then decides who gets a core).
+below what on-loop hashing costs. Measured here with 48 users: with scrypt on the
+loop, the loop stalled 3,007 ms; off it, 50-110 ms on a quiet machine and up to
+760 ms at a load average of 9, while three other test suites ran beside it (the
+OS, not this process, then decides who gets a core).
 """
 
 from __future__ import annotations

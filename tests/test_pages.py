@@ -17,7 +17,7 @@ from playwright.sync_api import Page, expect
 
 from balancesim.charts import render_chart
 from balancesim.serveproc import ServerProcess
-from tests.test_browser import ARTIFACTS, api, browser, token  # noqa: F401  (browser is a fixture)
+from tests.test_browser import api, browser, close_pages, token  # noqa: F401  (browser is a fixture)
 
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
 EXPIRED = "Your session has expired; please log in again."
@@ -48,12 +48,7 @@ def open_page(browser, server, request) -> Iterator:  # noqa: F811
         return page
 
     yield open_as
-    if getattr(request.node, "failed", False):
-        ARTIFACTS.mkdir(exist_ok=True)
-        for index, page in enumerate(opened):
-            page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{index}.png"), full_page=True)
-    for page in opened:
-        page.context.close()
+    close_pages(opened, request)
 
 
 def log_in(page: Page, username: str, password: str) -> None:
