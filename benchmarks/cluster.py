@@ -1,0 +1,382 @@
+"""Saturated durable HTTP deposits, by mode: the embedded ``serve`` (and, later, the cluster).
+
+Usage: ``python benchmarks/cluster.py [--users 200] [--connections 64] [--seconds 15]
+[--warmup 3] [--threads 1]`` (needs Debian's ``wrk``: ``apt-get install -y wrk``).
+
+This is the measuring tool of issue 15's benchmark. Each *mode* (the ``MODES`` table) starts
+a deployment as subprocesses and says which processes play which role; the one driver
+below does the rest, the same way for every mode:
+
+1. creates ``--users`` users through the demo superadmin and logs each in (their tokens are
+   collected: a later per-user load, and the cluster's token placement, need them);
+2. runs ``wrk`` for ``--warmup`` s, then for ``--seconds`` s, with ``--connections``
+   keep-alive connections posting ``POST /api/admin/deposits`` as the superadmin. A Lua
+   script, written to a temporary file, builds each body (``{"user_id": <id>, "amount": "1",
+   ...}``) cycling over the created users' ids, so the load spreads over many accounts. Its
+   ``response`` hook counts 2xx and non-2xx answers, and its ``done`` hook prints one JSON
+   line with them, wrk's socket errors and its latency percentiles;
+3. with that many connections, wrk keeps the server saturated, so the rate is the 2xx
+   answers of the timed run divided by its duration. A run with any non-2xx answer or socket
+   error is flagged, and its count is the ``errors`` key;
+4. charges each role the CPU (utime + stime from ``/proc/<pid>/stat``, every thread) its
+   processes used over the timed run, divided by the 2xx deposits of that run; and measures
+   wrk's own CPU (``RUSAGE_CHILDREN`` around it) as a share of the whole machine;
+5. stops the deployment (SIGTERM, drain) and checks durability: ``balancesim ledger verify``
+   passes on every ledger file, and each run's deposit entries (told apart by their
+   ``description``) are at least the 2xx answers wrk counted for it.
+
+The last line is JSON: ``{"embedded_deposits_per_s", "embedded_cpu_us", "embedded_p50_ms",
+"embedded_p99_ms", "wrk_cpu_share", "errors"}``. CPU is in µs per deposit; ``wrk_cpu_share``
+is the load generator's CPU over the timed runs as a fraction of all the machine's cores.
+Cluster mode will add ``cluster_deposits_per_s``, ``ratio``, ``gateway_cpu_us``,
+``shard_cpu_us`` and ``redis_cpu_us`` (see ``MODES``); none is printed before it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from balancesim.client import Client, configure_http  # noqa: E402
+from balancesim.serveproc import ServerProcess  # noqa: E402
+from benchmarks._common import emit  # noqa: E402
+
+SUPERADMIN = ("superadmin", "superadmin123")  # created by ``serve --demo``
+SERVE_ARGS = ("--demo", "--time-scale", "0.01", "--password-cost", "1024", "--log-level", "warning")
+USER_PASSWORD = "bench-pw"
+WARMUP_DESCRIPTION = "bench warm-up"
+TIMED_DESCRIPTION = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- deployments: what a mode starts ---------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    """A running system under test.
+
+    ``roles`` maps a role (``server``; later ``gateway``, ``shard``, ``redis``) to the pids
+    whose CPU is charged to it; ``ledgers`` are the SQLite files that hold its deposits.
+    """
+
+    url: str
+    roles: dict[str, list[int]]
+    ledgers: list[str]
+    stop: Callable[[], int]
+    log: Callable[[], str] = field(default=lambda: "")
+
+
+def start_embedded(workdir: str) -> Deployment:
+    """Today's ``balancesim serve``: one process, one ledger file."""
+    db = os.path.join(workdir, "embedded.db")
+    server = ServerProcess(db, *SERVE_ARGS).start()
+    assert server.process is not None
+    return Deployment(url=server.url, roles={"server": [server.process.pid]}, ledgers=[db],
+                      stop=server.stop, log=server.log)
+
+
+@dataclass
+class Mode:
+    """How to start one deployment, and the JSON keys its figures go to.
+
+    ``cpu_keys`` maps a role to the key of its µs per deposit.
+    """
+
+    start: Callable[[str], Deployment]
+    cpu_keys: dict[str, str]
+
+
+MODES: dict[str, Mode] = {
+    "embedded": Mode(start_embedded, {"server": "embedded_cpu_us"}),
+    # Cluster mode (issue 15) slots in here, once ``serve --workers 2 --shards 2`` exists:
+    #   "cluster": Mode(start_cluster, {"gateway": "gateway_cpu_us", "shard": "shard_cpu_us",
+    #                                   "redis": "redis_cpu_us"}),
+    # where start_cluster runs ServerProcess(..., "--workers", "2", "--shards", "2",
+    # "--data-dir", DIR) and finds the gateway, shard and redis-server pids among its
+    # children, with ledgers = DIR/shard-*.db. ``main`` then adds ``ratio`` (cluster ÷
+    # embedded deposits/s) when both modes ran.
+}
+
+
+# -- CPU accounting ----------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads) in seconds, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name (field 2) may hold spaces; fields after its ')' are fixed.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def role_cpu_s(roles: dict[str, list[int]]) -> dict[str, float]:
+    return {role: sum(cpu_s(pid) for pid in pids) for role, pids in roles.items()}
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- the load: wrk and its Lua script -----------------------------------------------------
+
+LUA = r"""-- Written by benchmarks/cluster.py: durable deposits by the superadmin over many accounts.
+local ids = {%(ids)s}
+local token = "%(token)s"
+local description = "%(description)s"
+local threads = {}
+
+function setup(thread)
+  thread:set("offset", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  -- each thread starts its cycle over the ids at a different place
+  n = offset * math.floor(#ids / (#threads > 0 and #threads or 1) + 1)
+  ok, non2xx, bad_status = 0, 0, 0
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = "Bearer " .. token
+end
+
+function request()
+  n = n + 1
+  local id = ids[(n %% #ids) + 1]
+  return wrk.format(nil, nil, nil,
+    '{"user_id": ' .. id .. ', "amount": "1", "description": "' .. description .. '"}')
+end
+
+function response(status, headers, body)
+  if status >= 200 and status < 300 then
+    ok = ok + 1
+  else
+    non2xx = non2xx + 1
+    bad_status = status
+  end
+end
+
+function done(summary, latency, requests)
+  local total_ok, total_bad, last_bad = 0, 0, 0
+  for _, thread in ipairs(threads) do
+    total_ok = total_ok + thread:get("ok")
+    total_bad = total_bad + thread:get("non2xx")
+    if thread:get("bad_status") ~= 0 then last_bad = thread:get("bad_status") end
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests": %%.0f, "duration_us": %%.0f, "ok": %%.0f, "non2xx": %%.0f, ' ..
+    '"last_bad_status": %%.0f, "connect": %%.0f, "read": %%.0f, "write": %%.0f, "timeout": %%.0f, ' ..
+    '"p50_us": %%.0f, "p90_us": %%.0f, "p99_us": %%.0f, "max_us": %%.0f, "mean_us": %%.1f}\n',
+    summary.requests, summary.duration, total_ok, total_bad, last_bad,
+    e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+def write_lua(path: str, ids: list[int], token: str, description: str) -> None:
+    with open(path, "w") as script:
+        script.write(LUA % {"ids": ", ".join(map(str, ids)), "token": token, "description": description})
+
+
+@dataclass
+class WrkRun:
+    """One wrk run: its Lua ``done`` line, its wall time and its own CPU."""
+
+    result: dict
+    wall_s: float
+    cpu_s: float
+    summary: list[str]
+
+    @property
+    def seconds(self) -> float:
+        return self.result["duration_us"] / 1e6
+
+    @property
+    def errors(self) -> int:
+        r = self.result
+        return r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+
+
+def run_wrk(url: str, script: str, *, seconds: float, connections: int, threads: int) -> WrkRun:
+    """Run wrk; its result. Nothing else may be reaped meanwhile (its CPU is RUSAGE_CHILDREN's rise)."""
+    before_cpu, started = children_cpu_s(), time.monotonic()
+    completed = subprocess.run(
+        ["wrk", f"--threads={threads}", f"--connections={connections}", f"--duration={seconds:g}s",
+         "--timeout=30s", f"--script={script}", f"{url}/api/admin/deposits"],
+        capture_output=True, text=True)
+    wall, spent = time.monotonic() - started, children_cpu_s() - before_cpu
+    lines = completed.stdout.splitlines()
+    found = [line for line in lines if line.startswith("WRK_RESULT ")]
+    if completed.returncode != 0 or not found:
+        raise RuntimeError(f"wrk failed (exit {completed.returncode}): {completed.stdout}{completed.stderr}")
+    summary = [line for line in lines if not line.startswith("WRK_RESULT ")]
+    return WrkRun(json.loads(found[-1].split(" ", 1)[1]), wall, spent, summary)
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+async def create_users(url: str, count: int) -> tuple[str, list[dict]]:
+    """The superadmin's token, and ``count`` new users, each logged in: ``{user_id, token}``."""
+    configure_http(max_clients=32)
+    boss = await Client.login(url, *SUPERADMIN)
+    users: list[dict] = []
+    for start in range(0, count, 32):
+        names = [f"bench{i:05d}" for i in range(start, min(count, start + 32))]
+        await asyncio.gather(*(boss.create_user(name, USER_PASSWORD) for name in names))
+        clients = await asyncio.gather(*(Client.login(url, name, USER_PASSWORD) for name in names))
+        users += [{"user_id": c.user_id, "token": c.token} for c in clients]
+    assert boss.token is not None
+    return boss.token, users
+
+
+def deposit_entries(ledgers: list[str], description: str) -> int:
+    """Deposit entries with ``description`` across the ledger files (read only)."""
+    total = 0
+    for path in ledgers:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            total += db.execute("SELECT count(*) FROM transactions WHERE type = 'deposit' AND description = ?",
+                                (description,)).fetchone()[0]
+    return total
+
+
+def verify_ledgers(ledgers: list[str]) -> list[str]:
+    """``balancesim ledger verify`` on every file; the failures' reports."""
+    failures = []
+    for path in ledgers:
+        done = subprocess.run([sys.executable, "-m", "balancesim.cli", "ledger", "verify", "--db", path],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            failures.append(f"{path}: exit {done.returncode}: {done.stdout}{done.stderr}".strip())
+    return failures
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.2f}/{five:.2f}"
+
+
+def run_mode(name: str, mode: Mode, args: argparse.Namespace, workdir: str) -> dict:
+    """Start ``mode``, saturate it with deposits, stop it, check the ledgers; its figures."""
+    home = os.path.join(workdir, name)
+    os.makedirs(home)
+    deployment = mode.start(home)
+    try:
+        token, users = asyncio.run(create_users(deployment.url, args.users))
+        ids = [u["user_id"] for u in users]
+        warm_script, timed_script = os.path.join(home, "warm-up.lua"), os.path.join(home, "timed.lua")
+        write_lua(warm_script, ids, token, WARMUP_DESCRIPTION)
+        write_lua(timed_script, ids, token, TIMED_DESCRIPTION)
+        print(f"{name}: {len(users)} users created and logged in; warm-up {args.warmup:g} s", flush=True)
+        warm = run_wrk(deployment.url, warm_script, seconds=args.warmup, connections=args.connections,
+                       threads=args.threads)
+        load_before = load()
+        before = role_cpu_s(deployment.roles)
+        timed = run_wrk(deployment.url, timed_script, seconds=args.seconds, connections=args.connections,
+                        threads=args.threads)
+        after = role_cpu_s(deployment.roles)
+        load_after = load()
+    finally:
+        code = deployment.stop()
+    failures = verify_ledgers(deployment.ledgers)
+    problems = [f"ledger verify failed: {f}" for f in failures]
+    if code != 0:
+        problems.append(f"the deployment exited {code} on SIGTERM")
+    for run, description in ((warm, WARMUP_DESCRIPTION), (timed, TIMED_DESCRIPTION)):
+        entries = deposit_entries(deployment.ledgers, description)
+        if entries < run.result["ok"]:
+            problems.append(f"only {entries} '{description}' deposit entries for {run.result['ok']} 2xx answers")
+    ok = timed.result["ok"]
+    cpu_us = {role: (after[role] - before[role]) / ok * 1e6 if ok else float("nan") for role in deployment.roles}
+    return {
+        "name": name, "mode": mode, "timed": timed, "warm": warm, "cpu_us": cpu_us,
+        "cores": {role: (after[role] - before[role]) / timed.seconds for role in deployment.roles},
+        "rate": ok / timed.seconds, "problems": problems, "load": (load_before, load_after),
+        "entries": deposit_entries(deployment.ledgers, TIMED_DESCRIPTION),
+    }
+
+
+def report(figures: dict, args: argparse.Namespace) -> None:
+    timed, r = figures["timed"], figures["timed"].result
+    name = figures["name"]
+    print(f"{name}: wrk, {args.connections} connections, {args.threads} thread(s), {timed.seconds:.1f} s "
+          f"({figures['load'][0]} before, {figures['load'][1]} after):")
+    for line in timed.summary:
+        if line.strip():
+            print("   ", line)
+    print(f"  {r['ok']:,} durable deposits in {timed.seconds:.1f} s = {figures['rate']:,.0f}/s; latency "
+          f"p50 {r['p50_us'] / 1000:.1f} ms, p90 {r['p90_us'] / 1000:.1f} ms, p99 {r['p99_us'] / 1000:.1f} ms, "
+          f"max {r['max_us'] / 1000:.1f} ms")
+    for role, us in figures["cpu_us"].items():
+        print(f"  {role}: {us:,.0f} µs of CPU per deposit ({figures['cores'][role]:.2f} of a core)")
+    cores = os.cpu_count() or 1
+    print(f"  wrk: {timed.cpu_s:.2f} s of CPU in {timed.wall_s:.1f} s = {timed.cpu_s / timed.wall_s:.2f} of a core, "
+          f"{timed.cpu_s / timed.wall_s / cores:.1%} of the machine's {cores} cores")
+    print(f"  durability: {figures['entries']:,} deposit entries for {r['ok']:,} 2xx answers; ledger verify "
+          f"{'FAILED' if any('verify' in p for p in figures['problems']) else 'OK'}")
+    if timed.errors or figures["warm"].errors:
+        print(f"  FLAGGED: {timed.errors} errors in the timed run ({r['non2xx']} non-2xx, last status "
+              f"{r['last_bad_status']}; socket: connect {r['connect']}, read {r['read']}, write {r['write']}, "
+              f"timeout {r['timeout']}), {figures['warm'].errors} in the warm-up")
+    for problem in figures["problems"]:
+        print(f"  FAILED: {problem}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (1 keeps its CPU low)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("benchmarks/cluster.py: wrk not found: install Debian's wrk (apt-get install -y wrk)", file=sys.stderr)
+        sys.exit(2)
+    names = [n for n in args.modes.split(",") if n]
+    if unknown := [n for n in names if n not in MODES]:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+
+    result: dict = {}
+    errors, wrk_cpu, wrk_wall, failed = 0, 0.0, 0.0, False
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in names:
+            figures = run_mode(name, MODES[name], args, workdir)
+            report(figures, args)
+            timed = figures["timed"]
+            result[f"{name}_deposits_per_s"] = round(figures["rate"])
+            for role, key in MODES[name].cpu_keys.items():
+                result[key] = round(figures["cpu_us"][role])
+            result[f"{name}_p50_ms"] = round(timed.result["p50_us"] / 1000, 1)
+            result[f"{name}_p99_ms"] = round(timed.result["p99_us"] / 1000, 1)
+            errors += timed.errors + figures["warm"].errors
+            wrk_cpu, wrk_wall = wrk_cpu + timed.cpu_s, wrk_wall + timed.wall_s
+            failed = failed or bool(figures["problems"])
+    if "embedded_deposits_per_s" in result and "cluster_deposits_per_s" in result:
+        result["ratio"] = round(result["cluster_deposits_per_s"] / result["embedded_deposits_per_s"], 2)
+    result["wrk_cpu_share"] = round(wrk_cpu / wrk_wall / (os.cpu_count() or 1), 3)
+    result["errors"] = errors
+    emit(result)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
