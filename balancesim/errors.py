@@ -7,6 +7,8 @@ turns a code back into its class: a rejection that crossed a process boundary as
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BalancesimError",
     "InvalidJson",
@@ -141,9 +143,20 @@ class Unavailable(BalancesimError):
 
 
 class Timeout(BalancesimError):
-    """``timeout`` (504): the outcome is unknown; repeat with the same key to learn it."""
+    """``timeout`` (504): the outcome is unknown; repeat with ``idempotency_key`` to learn it."""
 
     code, status = "timeout", 504
+
+    def __init__(self, message: str, idempotency_key: str | None = None) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error body, with the key that learns the outcome (the caller's or the gateway's)."""
+        body: dict[str, Any] = dict(super().to_dict())
+        if self.idempotency_key is not None:
+            body["idempotency_key"] = self.idempotency_key
+        return body
 
 
 _BY_CODE: dict[str, type[BalancesimError]] = {

@@ -43,6 +43,7 @@ class Reply(pykka.Future[Any]):
         self._latch = threading.Lock()
         self._latch.acquire()
         self._outcome: tuple[Any, Any] | None = None  # (value, exc_info)
+        self._raw: Any = None  # the value as set, before the view
         self._callbacks: list[Callable[[Reply], None]] | None = None
 
     def get(self, *, timeout: float | None = None) -> Any:
@@ -80,6 +81,12 @@ class Reply(pykka.Future[Any]):
         """Whether the reply has been set."""
         return self._outcome is not None
 
+    def raw(self) -> Any:
+        """A completed reply's value as it was set, before any view (a ``Confirmed``
+        record, which a shard sends on as it is); raises its error like ``get``."""
+        self.get(timeout=0)
+        return self._raw
+
     def add_done_callback(self, callback: Callable[[Reply], None]) -> None:
         """Call ``callback(self)`` once set: at once if it already is."""
         with self._lock:
@@ -96,6 +103,7 @@ class Reply(pykka.Future[Any]):
             if self._outcome is not None or self._get_hook is not None:
                 raise queue.Full
             self._outcome = outcome
+            self._raw = outcome[0]
             callbacks, self._callbacks = self._callbacks, None
         self._latch.release()
         for callback in callbacks or ():

@@ -65,6 +65,7 @@ def make_app(
     executor_threads: int = 4,
     send_buffer_bytes: int | None = 256 * 1024,
     trust_proxy: bool = False,
+    tokens: Any = None,
 ) -> GatewayApp:
     """Build the gateway for a started ``engine``; call on the IOLoop that will serve it.
 
@@ -78,6 +79,8 @@ def make_app(
         executor_threads: threads for blocking reads (SQLite, password hashing).
         send_buffer_bytes: caps each session socket's kernel send buffer (which
             otherwise autotunes to megabytes per session); ``None`` leaves it.
+        tokens: where login tokens live (default: a ``TokenStore`` in the engine's
+            ledger file; a cluster gateway passes its shards' ``RemoteTokens``).
         trust_proxy: the server sits behind a proxy the operator trusts: the
             login limiter counts the client address that proxy appended to
             ``X-Forwarded-For`` instead of the peer address.
@@ -88,7 +91,8 @@ def make_app(
     """
     metrics = Metrics()
     executor = ThreadPoolExecutor(executor_threads, thread_name_prefix="gateway")
-    tokens = TokenStore(engine.ledger.path, ttl_s=token_ttl_s, executor=executor)
+    if tokens is None:
+        tokens = TokenStore(engine.ledger.path, ttl_s=token_ttl_s, executor=executor)
     hub = Hub(engine, metrics, executor=executor, tokens=tokens, tick_interval_s=tick_interval_s)
     hub.start()
     ctx = Context(

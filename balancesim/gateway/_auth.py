@@ -77,9 +77,10 @@ class TokenStore:
         self._cache_lock = threading.Lock()
         self._cache: collections.OrderedDict[str, tuple[Principal, float]] = collections.OrderedDict()
 
-    def issue(self, principal: Principal) -> str:
-        """A new token for ``principal``."""
-        token = secrets.token_urlsafe(32)
+    def issue(self, principal: Principal, token: str | None = None) -> str:
+        """A new token for ``principal`` (``token``: one a cluster gateway made, which names
+        its user and so its shard)."""
+        token = token or secrets.token_urlsafe(32)
         digest = _digest(token)
         expires_at = time.time() + self.ttl_s
         with self._db_lock, self._db.atomic():

@@ -85,8 +85,9 @@ class Hub:
 
     def start(self) -> None:
         """Subscribe to the engine; must run on the IOLoop that serves the sessions."""
+        # Usernames are learnt as they come (``UserCreated``, sessions, a read off the
+        # loop for one never seen): reading every account here would block the loop.
         self.loop = IOLoop.current()
-        self._usernames = {user["user_id"]: user["username"] for user in self.engine.users()}
         self._unsubscribe = self.engine.subscribe(self._on_events)
 
     def stop(self, code: int = 1001) -> None:

@@ -1,0 +1,416 @@
+"""A gateway's engine in cluster mode: the ``Engine`` facade, served by shards over Redis.
+
+The gateway's handlers, hub, sessions and routing are the embedded server's, unchanged:
+they talk to this facade, which has the same methods and gives the same replies and
+events. Each call goes to its account's shard (``_placement``: a username's stable
+hash, or the residue class of a user id); ``users`` and ``trades`` across accounts
+gather from every shard and answer ``503 unavailable`` when one is missing, never a
+silently partial list.
+
+Outcomes. A call that is never handed to Redis (no connection) is ``503 unavailable``:
+nothing changed. A mutation whose answer does not come in ``timeout_s`` is ``504
+timeout`` carrying its idempotency key (the client's, or the one this gateway
+assigned), so a repeat with it learns the real outcome: the shard committed the key
+with the entries, and answers a repeat from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from concurrent.futures import Future as ThreadFuture
+from typing import Any, Callable
+
+from balancesim import errors
+from balancesim.actors import START_PRICES, PriceTicked, Reply, iso
+from balancesim.actors._codec import from_plain
+from balancesim.cluster._placement import Placement, shard_of_user_id, shard_of_username
+from balancesim.cluster._rpc import (
+    FIELD, Answer, Call, EventBatch, commands_stream, events_stream, pack, replies_stream, unpack,
+)
+from balancesim.cluster._streams import Entry, NotSent, Producer, Tail, Unknown
+from balancesim.cluster._wire import Forged
+from balancesim.gateway._auth import Principal
+from balancesim.money import format_amount
+from balancesim.views import result_of
+
+__all__ = ["RemoteEngine", "RemoteTokens"]
+
+log = logging.getLogger(__name__)
+
+
+class _WallClock:
+    """What the gateway needs of a clock: the time, for the ``ts`` of its own messages."""
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+
+class RemoteEngine:
+    """The ``Engine`` facade over a cluster's shards.
+
+    Args:
+        redis_url: the fabric.
+        placement: the cluster's placement (how many shards, which partition where).
+        secret: the cluster secret.
+        timeout_s: how long a call may take before the gateway gives up on it.
+        gateway_id: names this gateway's replies stream (random by default).
+    """
+
+    def __init__(self, redis_url: str, placement: Placement, secret: bytes, *, timeout_s: float = 5.0,
+                 gateway_id: str | None = None) -> None:
+        self.redis_url = redis_url
+        self.placement = placement
+        self.secret = secret
+        self.timeout_s = timeout_s
+        self.gateway_id = gateway_id or secrets.token_hex(6)
+        self.clock = _WallClock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._cids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[Answer]] = {}
+        self._subscribers: list[Callable[[list[Any]], None]] = []
+        self._producer: Producer | None = None
+        self._tails: list[Tail] = []
+        self._last_seq: dict[int, tuple[str, int]] = {}
+        self._prices: PriceTicked = PriceTicked(dict(START_PRICES), time.time())
+        self.gaps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> RemoteEngine:
+        """Read the answers to this gateway and every shard's events, on the running loop."""
+        self.loop = asyncio.get_running_loop()
+        self._producer = Producer(self.redis_url)
+        self._tails = [Tail(self.redis_url, replies_stream(self.gateway_id), self._answers, start_id="$").start()]
+        for shard in range(self.placement.shards):
+            handler = (lambda s: lambda entries: self._events(s, entries))(shard)
+            self._tails.append(Tail(self.redis_url, events_stream(shard), handler, start_id="$").start())
+        return self
+
+    async def aclose(self) -> None:
+        """Stop reading; calls still pending fail as unavailable."""
+        for tail in self._tails:
+            await tail.stop()
+        if self._producer is not None:
+            await self._producer.aclose()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(errors.Unavailable("the gateway is stopping"))
+
+    def stop(self) -> None:
+        """Nothing to stop in this process: the shards own the engines."""
+
+    def ready(self) -> bool:
+        """Whether calls can be sent (the readiness of the shards is asked per call)."""
+        return self._producer is not None
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(self, shard: int, op: str, args: dict[str, Any], *, key: str | None = None) -> Any:
+        """Send ``op`` to ``shard`` and await its answer's value (raises its refusal)."""
+        assert self._producer is not None and self.loop is not None
+        cid = f"{self.gateway_id}-{next(self._cids)}"
+        answer: asyncio.Future[Answer] = self.loop.create_future()
+        self._pending[cid] = answer
+        message = pack(self.secret, Call(cid, op, args, replies_stream(self.gateway_id)))
+        try:
+            try:
+                await self._producer.add(commands_stream(shard), {FIELD: message})
+            except NotSent as error:
+                raise errors.Unavailable(f"shard {shard} cannot be reached: {error}") from None
+            except Unknown:
+                pass  # it may have been handed over: wait for the answer as for any other
+            try:
+                done = await asyncio.wait_for(asyncio.shield(answer), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise _timeout(shard, key) from None
+        finally:
+            self._pending.pop(cid, None)
+        if not done.ok:
+            raise done.error()
+        return done.value
+
+    def _reply(self, shard: int, op: str, args: dict[str, Any], *, key: str | None = None,
+               view: Callable[[Any], Any] | None = None, decode: bool = False) -> Reply:
+        """``call`` as the engine's ``Reply``, from any thread."""
+        reply = Reply(view)
+
+        async def run() -> None:
+            try:
+                value = await self.call(shard, op, args, key=key)
+            except BaseException as error:  # noqa: BLE001 - handed to the reply's reader
+                reply.set_exception(error)
+            else:
+                reply.set(from_plain(value) if decode else value)
+
+        self._on_loop(run)
+        return reply
+
+    def _blocking(self, shard: int, op: str, args: dict[str, Any]) -> Any:
+        """``call`` for a caller off the loop (the gateway's executor runs its reads here)."""
+        assert self.loop is not None
+        if _running_loop() is self.loop:
+            raise RuntimeError(f"{op} blocks: call it from an executor, not on the IOLoop")
+        future: ThreadFuture[Any] = asyncio.run_coroutine_threadsafe(self.call(shard, op, args), self.loop)
+        return future.result(timeout=self.timeout_s + 5)
+
+    def _on_loop(self, make: Callable[[], Any]) -> None:
+        assert self.loop is not None
+        if _running_loop() is self.loop:
+            asyncio.ensure_future(make())
+        else:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(make()))
+
+    async def _answers(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            try:
+                answer = unpack(self.secret, entry.fields[FIELD], Answer)
+            except (Forged, KeyError, TypeError, ValueError):
+                log.warning("dropped an answer whose seal does not verify")
+                continue
+            future = self._pending.get(answer.cid)
+            if future is not None and not future.done():
+                future.set_result(answer)
+
+    # -- events ------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
+        """Receive every shard's committed event batches (and price ticks); returns unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    async def _events(self, shard: int, entries: list[Entry]) -> None:
+        for entry in entries:
+            try:
+                batch = unpack(self.secret, entry.fields[FIELD], EventBatch)
+            except (Forged, KeyError, TypeError, ValueError):
+                log.warning("dropped an event batch whose seal does not verify")
+                continue
+            epoch, seq = self._last_seq.get(shard, (batch.epoch, batch.seq - 1))
+            if batch.epoch == epoch and batch.seq != seq + 1:
+                # A lost or repeated batch: sessions resume from the ledger with since.
+                self.gaps += 1
+                log.warning("shard %s: event batch %s after %s (epoch %s)", shard, batch.seq, seq, epoch)
+            self._last_seq[shard] = (batch.epoch, batch.seq)
+            events = list(from_plain(batch.events))
+            for event in events:
+                if type(event) is PriceTicked:
+                    self._prices = event
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber(events)
+                except Exception:  # noqa: BLE001 - one bad subscriber must not starve the rest
+                    log.exception("event subscriber %r failed", subscriber)
+
+    # -- the Engine facade ---------------------------------------------------------------
+
+    def create_user(self, username: str, password: str, role: str = "user", *,
+                    created_by: int | None = None, idempotency_key: str | None = None) -> Reply:
+        shard = shard_of_username(self.placement, username) if isinstance(username, str) else 0
+        return self._mutate(shard, "create_user", {"username": username, "password": password, "role": role,
+                                                   "created_by": created_by}, idempotency_key)
+
+    def update_user(self, user_id: int, *, disabled: bool | None = None, role: str | None = None,
+                    set_by: int, idempotency_key: str | None = None) -> Reply:
+        return self._mutate(self._shard_of(user_id), "update_user",
+                            {"user_id": user_id, "disabled": disabled, "role": role, "set_by": set_by},
+                            idempotency_key)
+
+    def login(self, username: str, password: str) -> Reply:
+        shard = shard_of_username(self.placement, username) if isinstance(username, str) else 0
+        return self._reply(shard, "login", {"username": username, "password": password})
+
+    def deposit(self, user_id: int, amount: str, asset: str = "USDT", description: str = "", *,
+                initiated_by: int | None = None, idempotency_key: str | None = None) -> Reply:
+        return self._money("deposit", user_id, amount, asset, description, initiated_by, idempotency_key)
+
+    def withdraw(self, user_id: int, amount: str, asset: str = "USDT", description: str = "", *,
+                 initiated_by: int | None = None, idempotency_key: str | None = None) -> Reply:
+        return self._money("withdraw", user_id, amount, asset, description, initiated_by, idempotency_key)
+
+    def adjust(self, user_id: int, amount: str, asset: str = "USDT", description: str = "", *,
+               initiated_by: int | None = None, idempotency_key: str | None = None) -> Reply:
+        return self._money("adjust", user_id, amount, asset, description, initiated_by, idempotency_key)
+
+    def open_option(self, user_id: int, symbol: str, direction: str, amount: str, duration: int, *,
+                    idempotency_key: str | None = None) -> Reply:
+        return self._mutate(self._shard_of(user_id), "open_option",
+                            {"user_id": user_id, "symbol": symbol, "direction": direction, "amount": amount,
+                             "duration": duration}, idempotency_key)
+
+    def spot_order(self, user_id: int, symbol: str, side: str, quantity: str, *,
+                   idempotency_key: str | None = None) -> Reply:
+        return self._mutate(self._shard_of(user_id), "spot_order",
+                            {"user_id": user_id, "symbol": symbol, "side": side, "quantity": quantity},
+                            idempotency_key)
+
+    def set_control_mode(self, user_id: int, mode: str, set_by: int, *,
+                         idempotency_key: str | None = None) -> Reply:
+        return self._mutate(self._shard_of(user_id), "set_control_mode",
+                            {"user_id": user_id, "mode": mode, "set_by": set_by}, idempotency_key)
+
+    def force_option(self, trade_id: str, outcome: str, admin_id: int, *,
+                     idempotency_key: str | None = None) -> Reply:
+        owner = _owner_of_trade(trade_id)
+        if owner is None:
+            reply = Reply()
+            reply.set_exception(errors.UnknownTrade(f"no trade {trade_id!r}"))
+            return reply
+        return self._mutate(self._shard_of(owner), "force_option",
+                            {"trade_id": trade_id, "outcome": outcome, "admin_id": admin_id}, idempotency_key)
+
+    # Reads: blocking, for the gateway's executor.
+
+    def balance(self, user_id: int) -> dict[str, Any]:
+        return self._blocking(self._shard_of(user_id), "balance", {"user_id": user_id})
+
+    def history(self, user_id: int, after_version: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        return self._blocking(self._shard_of(user_id), "history",
+                              {"user_id": user_id, "after_version": after_version, "limit": limit})
+
+    def entries(self, user_id: int, after_version: int = 0, limit: int = 100) -> list[Any]:
+        plain = self._blocking(self._shard_of(user_id), "entries",
+                               {"user_id": user_id, "after_version": after_version, "limit": limit})
+        return list(from_plain(plain))
+
+    def user(self, user_id: int) -> dict[str, Any] | None:
+        if type(user_id) is not int or user_id <= 0:
+            return None
+        return self._blocking(self._shard_of(user_id), "user", {"user_id": user_id})
+
+    def users(self, *, with_disabled: bool = False) -> list[dict[str, Any]]:
+        gathered = self._gather("users", {"with_disabled": with_disabled})
+        return sorted((user for part in gathered for user in part), key=lambda user: user["user_id"])
+
+    def trades(self, user_id: int | None = None, status: str | None = None, *, newest_first: bool = False,
+               limit: int | None = None) -> list[dict[str, Any]]:
+        args = {"user_id": user_id, "status": status, "newest_first": newest_first, "limit": limit}
+        if user_id is not None:
+            return self._blocking(self._shard_of(user_id), "trades", args)
+        merged = [trade for part in self._gather("trades", args) for trade in part]
+        merged.sort(key=lambda trade: (trade["opened_at"], trade["trade_id"]), reverse=newest_first)
+        return merged[:limit] if limit is not None else merged
+
+    def market(self) -> dict[str, Any]:
+        """The prices of the last tick any shard published (in memory: does not block)."""
+        tick = self._prices
+        return {"prices": {symbol: format_amount(p) for symbol, p in tick.prices.items()}, "ts": iso(tick.ts)}
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _money(self, op: str, user_id: int, amount: str, asset: str, description: str,
+               initiated_by: int | None, key: str | None) -> Reply:
+        return self._mutate(self._shard_of(user_id), op,
+                            {"user_id": user_id, "amount": amount, "asset": asset, "description": description,
+                             "initiated_by": initiated_by}, key)
+
+    def _mutate(self, shard: int, op: str, args: dict[str, Any], key: str | None) -> Reply:
+        # Every mutation carries a key, so the shard applies it once however often it is
+        # delivered, and a 504 can name the key that learns its outcome.
+        key = key if key is not None else f"gw-{self.gateway_id}-{next(self._cids)}"
+        return self._reply(shard, op, {**args, "idempotency_key": key}, key=key, view=result_of, decode=True)
+
+    def _shard_of(self, user_id: int) -> int:
+        if type(user_id) is not int or user_id <= 0:
+            raise errors.InvalidRequest("user_id must be an integer") if type(user_id) is not int \
+                else errors.UnknownUser(f"no user {user_id}")
+        return shard_of_user_id(self.placement, user_id)
+
+    def _gather(self, op: str, args: dict[str, Any]) -> list[Any]:
+        """Every shard's answer, or ``503 unavailable`` when one is missing."""
+        assert self.loop is not None
+
+        async def everyone() -> list[Any]:
+            return await asyncio.gather(*(self.call(shard, op, args) for shard in range(self.placement.shards)))
+
+        try:
+            return asyncio.run_coroutine_threadsafe(everyone(), self.loop).result(timeout=self.timeout_s + 5)
+        except (errors.Timeout, errors.Unavailable) as error:
+            raise errors.Unavailable(f"not every shard answered: {error.message}") from None
+
+
+class RemoteTokens:
+    """The gateway's ``TokenStore`` in cluster mode: each token names its user, and so its
+    shard, which stores and checks it; this gateway caches the answers it got."""
+
+    def __init__(self, engine: RemoteEngine, *, cache_max: int = 10_000) -> None:
+        self.engine = engine
+        self.cache_max = cache_max
+        self._cache: dict[str, Principal] = {}
+
+    def issue(self, principal: Principal) -> str:
+        token = f"{principal.user_id}.{secrets.token_urlsafe(32)}"
+        self.engine._blocking(self.engine._shard_of(principal.user_id), "token_issue",
+                              {"token": token, "principal": {"user_id": principal.user_id,
+                                                             "username": principal.username,
+                                                             "role": principal.role}})
+        return token
+
+    async def check(self, token: str | None) -> Principal | None:
+        owner = _owner_of_token(token)
+        if owner is None:
+            return None
+        hit = self._cache.get(token)  # type: ignore[arg-type]
+        if hit is not None:
+            return hit
+        found = await self.engine.call(self.engine._shard_of(owner), "token_check", {"token": token})
+        if found is None:
+            return None
+        principal = Principal(**found)
+        if len(self._cache) >= self.cache_max:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[token] = principal  # type: ignore[index]
+        return principal
+
+    def check_blocking(self, token: str | None) -> Principal | None:
+        owner = _owner_of_token(token)
+        if owner is None:
+            return None
+        found = self.engine._blocking(self.engine._shard_of(owner), "token_check", {"token": token})
+        return None if found is None else Principal(**found)
+
+    async def revoke(self, token: str) -> None:
+        self._cache.pop(token, None)
+        owner = _owner_of_token(token)
+        if owner is not None:
+            await self.engine.call(self.engine._shard_of(owner), "token_revoke", {"token": token})
+
+    async def revoke_user(self, user_id: int) -> None:
+        for token in [t for t, p in self._cache.items() if p.user_id == user_id]:
+            del self._cache[token]
+        await self.engine.call(self.engine._shard_of(user_id), "token_revoke_user", {"user_id": user_id})
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+def _timeout(shard: int, key: str | None) -> errors.Timeout:
+    return errors.Timeout(f"shard {shard} did not answer in time: the outcome is unknown; "
+                          "repeat the request with the same Idempotency-Key to learn it", idempotency_key=key)
+
+
+def _owner_of_trade(trade_id: object) -> int | None:
+    """``T<user_id>-<version>`` names its owner; anything else names nobody."""
+    if not isinstance(trade_id, str) or not trade_id.startswith("T"):
+        return None
+    owner, _, version = trade_id[1:].partition("-")
+    return int(owner) if owner.isdigit() and version.isdigit() and len(owner) <= 18 else None
+
+
+def _owner_of_token(token: object) -> int | None:
+    if not isinstance(token, str) or len(token) > 256:
+        return None
+    owner, dot, _ = token.partition(".")
+    return int(owner) if dot and owner.isdigit() and len(owner) <= 18 and int(owner) > 0 else None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+

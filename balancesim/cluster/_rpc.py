@@ -1,0 +1,98 @@
+"""What crosses Redis between gateways and shards: calls, answers and event batches.
+
+A gateway sends a ``Call`` to its account's shard on ``bs:cmd:<shard>``; the shard
+answers on the gateway's own ``bs:reply:<gateway>`` stream; each shard publishes its
+committed event batches, numbered, on ``bs:events:<shard>``. Every message is sealed
+(``_wire``) under the cluster secret with its kind, so a reply never passes for a call.
+
+Mutations answer with the engine's own ``Confirmed`` record (``actors._codec``'s plain
+form): crossing Redis is a serialization, not a translation, and the gateway shows it
+with the same ``views.result_of`` as the embedded server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from balancesim import errors
+from balancesim.cluster._wire import open_sealed, seal
+
+__all__ = [
+    "Call", "Answer", "EventBatch", "commands_stream", "events_stream", "replies_stream",
+    "pack", "unpack", "FIELD",
+]
+
+FIELD = b"m"  # the one field of every entry: the sealed message
+
+
+def commands_stream(shard: int) -> str:
+    """Where shard ``shard`` reads its calls (a consumer group, one consumer: the shard)."""
+    return f"bs:cmd:{shard}"
+
+
+def events_stream(shard: int) -> str:
+    """Where shard ``shard`` publishes its committed event batches (every gateway tails it)."""
+    return f"bs:events:{shard}"
+
+
+def replies_stream(gateway: str) -> str:
+    """Where the answers to gateway ``gateway``'s calls arrive."""
+    return f"bs:reply:{gateway}"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request to a shard.
+
+    Attributes:
+        cid: the call's id, unique per gateway; the answer carries it back.
+        op: a name from the shard's operation table.
+        args: its arguments, plain JSON (decimal strings for money).
+        reply_to: the gateway's replies stream.
+    """
+
+    cid: str
+    op: str
+    args: dict[str, Any]
+    reply_to: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A shard's answer: ``value`` (plain JSON) when ``ok``, else the error's code and message."""
+
+    cid: str
+    ok: bool
+    value: Any = None
+    code: str | None = None
+    message: str | None = None
+
+    def error(self) -> errors.BalancesimError:
+        """The refusal as the error class it was raised as."""
+        return errors.by_code(self.code or "invalid_request", self.message or "")
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """A group commit's events, in commit order: ``seq`` counts a shard's batches from 1
+    within one ``epoch`` (a shard process's life), so a gap or a repeat is visible."""
+
+    epoch: str
+    seq: int
+    events: list[Any]
+
+
+_KINDS = {Call: "call", Answer: "answer", EventBatch: "events"}
+
+
+def pack(secret: bytes, message: Call | Answer | EventBatch) -> bytes:
+    """``message`` sealed under ``secret``, bound to its kind."""
+    body = json.dumps(asdict(message), separators=(",", ":"), ensure_ascii=False).encode()
+    return seal(secret, body, kind=_KINDS[type(message)])
+
+
+def unpack(secret: bytes, data: bytes, cls: type) -> Any:
+    """The message of kind ``cls`` in ``data``; ``Forged`` if its seal does not verify."""
+    return cls(**json.loads(open_sealed(secret, data, kind=_KINDS[cls])))

@@ -1,0 +1,226 @@
+"""A shard's service: its engine's command door and reads, served over Redis Streams.
+
+The shard reads ``Call``s from its commands stream with a consumer group, in stream
+order, and hands each to its engine at once: the engine never blocks its caller, so
+the calls of one account reach its actor in the order the gateways sent them. Reads
+that block (the ledger, password checks) run on the service's executor. Each answer
+goes to the caller's replies stream, coalesced per loop turn by the ``Producer``.
+
+After every commit the shard publishes the committed events on its events stream as
+an ``EventBatch`` numbered within this process's epoch. Redis may lose a batch: the
+gateways see the gap and repair from the ledger, the source of truth.
+
+Exactly once: every mutation carries an idempotency key (the client's or one its
+gateway assigned), which the engine commits with the entries; a call redelivered
+after a crash between COMMIT and XACK is answered from the ledger, not applied again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from balancesim import errors
+from balancesim.actors import Reply, as_asyncio
+from balancesim.actors._codec import to_plain
+from balancesim.cluster._rpc import (
+    FIELD, Answer, Call, EventBatch, commands_stream, events_stream, pack, unpack,
+)
+from balancesim.cluster._streams import Consumer, Entry, Producer
+from balancesim.cluster._wire import Forged
+from balancesim.engine import Engine
+from balancesim.gateway._auth import Principal, TokenStore
+
+__all__ = ["ShardService", "SHARD_OPERATIONS"]
+
+log = logging.getLogger(__name__)
+
+Op = Callable[..., Any]
+
+
+def _mutation(name: str) -> Op:
+    """An engine mutation by name; its answer is the committed ``Confirmed`` record."""
+
+    def call(service: ShardService, **args: Any) -> Reply:
+        return getattr(service.engine, name)(**args)
+
+    return call
+
+
+def _read(read: Callable[..., Any]) -> Op:
+    """A blocking read, run off the loop."""
+
+    def call(service: ShardService, **args: Any) -> Any:
+        return service.blocking(functools.partial(read, service, **args))
+
+    return call
+
+
+def _entries(service: ShardService, user_id: int, after_version: int, limit: int) -> list[Any]:
+    return to_plain(service.engine.entries(user_id, after_version, limit))
+
+
+def _token_issue(service: ShardService, token: str, principal: dict[str, Any]) -> str:
+    return service.tokens.issue(Principal(**principal), token)
+
+
+def _token_check(service: ShardService, token: str) -> dict[str, Any] | None:
+    principal = service.tokens.check_blocking(token)
+    return None if principal is None else {"user_id": principal.user_id, "username": principal.username,
+                                           "role": principal.role}
+
+
+async def _token_revoke(service: ShardService, token: str) -> None:
+    await service.tokens.revoke(token)
+
+
+async def _token_revoke_user(service: ShardService, user_id: int) -> None:
+    await service.tokens.revoke_user(user_id)
+
+
+def _login(service: ShardService, username: str, password: str) -> Reply:
+    return service.engine.login(username, password)
+
+
+#: The operations a shard serves, by the name a ``Call`` gives. One table, so the
+#: gateway's remote engine and the shard agree on exactly one list.
+SHARD_OPERATIONS: dict[str, Op] = {
+    **{name: _mutation(name) for name in (
+        "create_user", "update_user", "deposit", "withdraw", "adjust", "open_option",
+        "spot_order", "set_control_mode", "force_option",
+    )},
+    "login": _login,
+    "balance": _read(lambda s, user_id: s.engine.balance(user_id)),
+    "history": _read(lambda s, user_id, after_version, limit: s.engine.history(user_id, after_version, limit)),
+    "entries": _read(_entries),
+    "trades": _read(lambda s, **kw: s.engine.trades(**kw)),
+    "users": _read(lambda s, with_disabled: s.engine.users(with_disabled=with_disabled)),
+    "user": _read(lambda s, user_id: s.engine.user(user_id)),
+    "token_issue": _read(_token_issue),
+    "token_check": _read(_token_check),
+    "token_revoke": _token_revoke,
+    "token_revoke_user": _token_revoke_user,
+    "ping": lambda service: {"shard": service.index, "epoch": service.epoch},
+}
+
+
+class ShardService:
+    """Serves one shard's engine over Redis.
+
+    Args:
+        engine: the shard's started engine (its ids follow the placement).
+        tokens: the login tokens of this shard's accounts (kept in its own file).
+        redis_url: the fabric.
+        index: this shard's index.
+        secret: the cluster secret; calls whose seal does not verify are dropped.
+    """
+
+    def __init__(self, engine: Engine, tokens: TokenStore, *, redis_url: str, index: int, secret: bytes) -> None:
+        self.engine = engine
+        self.tokens = tokens
+        self.redis_url = redis_url
+        self.index = index
+        self.secret = secret
+        self.epoch = secrets.token_hex(8)
+        self.seq = 0
+        self.forged = 0
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix=f"shard{index}-io")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._producer: Producer | None = None
+        self._consumer: Consumer | None = None
+        self._unsubscribe: Callable[[], None] = lambda: None
+
+    async def start(self) -> ShardService:
+        """Publish committed events and serve calls, on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self.tokens.executor = self._executor
+        self._producer = Producer(self.redis_url)
+        self._unsubscribe = self.engine.subscribe(self._committed)
+        self._consumer = Consumer(self.redis_url, commands_stream(self.index), "shard",
+                                  f"shard-{self.index}", self._handle).start()
+        return self
+
+    async def stop(self) -> None:
+        """Stop reading calls; what was answered is answered. The engine is the caller's."""
+        self._unsubscribe()
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.aclose()
+        self._executor.shutdown(wait=True)
+
+    def blocking(self, func: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``func`` on the service's executor."""
+        assert self._loop is not None
+        return self._loop.run_in_executor(self._executor, func)
+
+    # -- events ------------------------------------------------------------------------
+
+    def _committed(self, events: list[Any]) -> None:
+        # The engine's bus calls this on the ledger writer's thread, in commit order;
+        # call_soon_threadsafe keeps that order on the loop.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._publish, list(events))
+
+    def _publish(self, events: list[Any]) -> None:
+        self.seq += 1
+        batch = EventBatch(self.epoch, self.seq, to_plain(events))
+        assert self._producer is not None
+        sent = self._producer.add(events_stream(self.index), {FIELD: pack(self.secret, batch)})
+        sent.add_done_callback(_log_lost)
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def _handle(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            try:
+                call = unpack(self.secret, entry.fields[FIELD], Call)
+            except (Forged, KeyError, TypeError, ValueError):
+                self.forged += 1
+                log.warning("dropped a call on %s whose seal does not verify", entry.stream)
+                continue
+            # Issued now, in stream order; answered whenever each completes.
+            asyncio.ensure_future(self._answer(call, self._dispatch(call)))
+
+    def _dispatch(self, call: Call) -> Any:
+        op = SHARD_OPERATIONS.get(call.op)
+        if op is None:
+            return errors.InvalidRequest(f"no shard operation {call.op!r}")
+        try:
+            return op(self, **call.args)
+        except errors.BalancesimError as error:
+            return error
+        except TypeError as error:  # arguments that do not fit: a gateway of another release
+            return errors.InvalidRequest(f"{call.op}: {error}")
+
+    async def _answer(self, call: Call, started: Any) -> None:
+        try:
+            if isinstance(started, BaseException):
+                raise started
+            if isinstance(started, Reply):
+                await as_asyncio(started)
+                value = started.raw()
+            elif asyncio.isfuture(started) or asyncio.iscoroutine(started):
+                value = await started
+            else:
+                value = started
+            answer = Answer(call.cid, True, to_plain(value))
+        except errors.BalancesimError as error:
+            answer = Answer(call.cid, False, code=error.code, message=error.message)
+        except Exception:  # noqa: BLE001 - answered as unavailable, logged with its traceback
+            log.exception("shard %s failed on %s", self.index, call.op)
+            answer = Answer(call.cid, False, code="unavailable", message=f"shard {self.index} failed on {call.op}")
+        assert self._producer is not None
+        sent = self._producer.add(call.reply_to, {FIELD: pack(self.secret, answer)}, maxlen=10_000)
+        sent.add_done_callback(_log_lost)
+
+
+def _log_lost(sent: asyncio.Future[Any]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        # Redis may lose anything: a lost answer ends in the gateway's 504 (and an
+        # outcome look-up by key); a lost event batch in a gap the gateways repair.
+        log.warning("a message to Redis was lost: %s", sent.exception())
