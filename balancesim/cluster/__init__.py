@@ -6,7 +6,8 @@ reply with an HMAC under the cluster's secret, and opens only what verifies;
 ``_redis_server`` runs a private ``redis-server`` that forgets on restart, and
 ``_streams`` is the Streams fabric over it (coalescing producer, consumer group,
 tail), which never hides a failure. ``_shard`` numbers a shard's accounts and
-entries by the placement (``ShardIds``, given to the ``Engine``) and locks its file. The shard and gateway processes come next.
+entries by the placement (``ShardIds``, given to the ``Engine``) and locks its file;
+``_data_dir`` runs ``users create`` and the ``ledger`` reports over a data directory. The shard and gateway processes come next.
 """
 
 from balancesim.cluster._backoff import Backoff
@@ -34,6 +35,16 @@ from balancesim.cluster._placement import (
     transaction_id_for,
     user_id_for,
 )
+from balancesim.cluster._data_dir import (
+    DataDir,
+    ShardVerified,
+    audit_data_dir,
+    create_user_in_data_dir,
+    history_in_data_dir,
+    make_data_dir,
+    open_data_dir,
+    verify_data_dir,
+)
 from balancesim.cluster._shard import ShardFileInUse, ShardIds, ShardLock, lock_shard_file
 from balancesim.cluster._wire import (
     MIN_SECRET_CHARS,
@@ -56,4 +67,6 @@ __all__ = [
     "recorded", "shard_file", "shard_of_user_id", "shard_of_username", "split_transaction_id",
     "split_user_id", "transaction_id_for", "user_id_for", "load_secret", "open_sealed", "seal",
     "ShardFileInUse", "ShardIds", "ShardLock", "lock_shard_file",
+    "DataDir", "ShardVerified", "audit_data_dir", "create_user_in_data_dir", "history_in_data_dir",
+    "make_data_dir", "open_data_dir", "verify_data_dir",
 ]
