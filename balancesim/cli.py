@@ -12,7 +12,7 @@ import click
 
 from balancesim import errors, reports
 from balancesim.vocabulary import ROLES
-from balancesim.cliutil import InputError, ledger_file_errors
+from balancesim.cliutil import InputError, data_dir_errors, ledger_file_errors
 
 __all__ = ["cli"]
 
@@ -25,11 +25,42 @@ def db_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
-def existing_db_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--db F``: a ledger file that must exist (checked by ``ledger_file_errors``, in one line)."""
-    return click.option("--db", "db_path", required=True, help="The SQLite ledger file.")(
-        ledger_file_errors(func)
-    )
+def data_dir_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data-dir DIR [--shards S]``: a cluster's shard files (``DIR/shard-K.db``) instead of ``--db``."""
+    func = click.option(
+        "--shards", type=click.IntRange(1), default=None,
+        help="The cluster's number of shards: needed for a new directory, checked against an existing one.",
+    )(func)
+    return click.option(
+        "--data-dir", type=click.Path(file_okay=False), default=None,
+        help="A cluster's data directory: every shard file DIR/shard-K.db instead of one --db file.",
+    )(func)
+
+
+def one_ledger_source(db_given: bool, data_dir: str | None, shards: int | None) -> None:
+    """``--db`` and ``--data-dir`` name different things: refuse both at once, and ``--shards`` alone."""
+    if db_given and data_dir is not None:
+        raise InputError("--db and --data-dir cannot be used together: --db is one ledger file, "
+                         "--data-dir a cluster's shard files")
+    if shards is not None and data_dir is None:
+        raise InputError("--shards goes with --data-dir")
+
+
+def ledger_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--db F`` or ``--data-dir DIR [--shards S]``: one ledger file that must exist,
+    or every shard file of a cluster; either's problems are one line, exit 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        db_path, data_dir = kwargs["db_path"], kwargs["data_dir"]
+        one_ledger_source(db_path is not None, data_dir, kwargs["shards"])
+        if db_path is None and data_dir is None:
+            raise InputError("give --db FILE (a ledger file) or --data-dir DIR (a cluster's shard files)")
+        checked = ledger_file_errors(func) if data_dir is None else data_dir_errors(func)
+        return checked(*args, **kwargs)
+
+    wrapper = data_dir_options(wrapper)
+    return click.option("--db", "db_path", default=None, help="The SQLite ledger file.")(wrapper)
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,16 +106,30 @@ def users() -> None:
 
 @users.command("create")
 @db_option
+@data_dir_options
 @click.option("--username", required=True, help="Unique login name.")
 @click.option("--password", required=True, help="Login password (stored as a scrypt hash).")
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@click.pass_context
 @domain_errors
-def users_create(db_path: str, username: str, password: str, role: str) -> None:
+def users_create(ctx: click.Context, db_path: str, data_dir: str | None, shards: int | None,
+                 username: str, password: str, role: str) -> None:
     """Create an account and print its user_id (a server may be running on the file).
 
     The engine's rules judge the name, password and role, as for ``POST /api/users``.
+    With --data-dir, the account goes to its username's shard file (a cluster may
+    be running on the directory); a new directory is made with --shards files.
     """
     import sqlite3
+
+    one_ledger_source(ctx.get_parameter_source("db_path") is not click.core.ParameterSource.DEFAULT,
+                      data_dir, shards)
+    if data_dir is not None:
+        from balancesim.cluster import create_user_in_data_dir
+
+        user_id, _ = data_dir_errors(create_user_in_data_dir)(data_dir, shards, username, password, role)
+        click.echo(user_id)
+        return
 
     from balancesim.engine import create_user_in
 
@@ -101,23 +146,39 @@ def ledger() -> None:
 
 
 @ledger.command("verify")
-@existing_db_option
+@ledger_source_options
 @domain_errors
-def ledger_verify(db_path: str) -> None:
-    """Recompute every balance from the entries; exit 1 if any invariant fails."""
-    report = reports.verify(db_path)
-    click.echo(report.text())
-    sys.exit(0 if report.ok else 1)
+def ledger_verify(db_path: str | None, data_dir: str | None, shards: int | None) -> None:
+    """Recompute every balance from the entries; exit 1 if any invariant fails.
+
+    With --data-dir: every shard file, a line each (and that every id there names
+    its shard); exit 0 only when every shard holds.
+    """
+    if data_dir is None:
+        report = reports.verify(db_path)
+        click.echo(report.text())
+        sys.exit(0 if report.ok else 1)
+    from balancesim.cluster import verify_data_dir
+
+    verified = verify_data_dir(data_dir, shards)
+    for shard in verified:
+        click.echo(shard.text())
+    sys.exit(0 if all(shard.report.ok for shard in verified) else 1)
 
 
 @ledger.command("history")
-@existing_db_option
+@ledger_source_options
 @click.option("--user", "user", required=True, help="A user_id or a username.")
 @json_option
 @domain_errors
-def ledger_history(db_path: str, user: str, as_json: bool) -> None:
-    """An account's entries, oldest first."""
-    entries = reports.history(db_path, user)
+def ledger_history(db_path: str | None, data_dir: str | None, shards: int | None, user: str, as_json: bool) -> None:
+    """An account's entries, oldest first (with --data-dir, from the shard the account lives on)."""
+    if data_dir is None:
+        entries = reports.history(db_path, user)
+    else:
+        from balancesim.cluster import history_in_data_dir
+
+        entries = history_in_data_dir(data_dir, user, shards)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
@@ -129,12 +190,18 @@ def ledger_history(db_path: str, user: str, as_json: bool) -> None:
 
 
 @ledger.command("audit")
-@existing_db_option
+@ledger_source_options
 @json_option
 @domain_errors
-def ledger_audit(db_path: str, as_json: bool) -> None:
-    """Every settlement not decided by the market, per account, with counts and totals."""
-    result = reports.audit(db_path)
+def ledger_audit(db_path: str | None, data_dir: str | None, shards: int | None, as_json: bool) -> None:
+    """Every settlement not decided by the market, per account, with counts and totals
+    (with --data-dir, over every shard)."""
+    if data_dir is None:
+        result = reports.audit(db_path)
+    else:
+        from balancesim.cluster import audit_data_dir
+
+        result = audit_data_dir(data_dir, shards)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

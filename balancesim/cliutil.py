@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import click
 
-__all__ = ["InputError", "check_url", "ledger_file_errors"]
+__all__ = ["InputError", "check_url", "data_dir_errors", "ledger_file_errors"]
 
 
 class InputError(click.ClickException):
@@ -59,5 +59,28 @@ def ledger_file_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise InputError(f"{path} is not a balancesim ledger: {error}") from None
         except FileNotFoundError as error:  # reports: a SQLite file without the ledger's tables
             raise InputError(str(error)) from None
+
+    return wrapper
+
+
+def data_dir_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """For work on a cluster's data directory: a placement that disagrees (``--shards``,
+    missing or foreign shard files), a file that is not a ledger, or a directory that
+    cannot be made is an ``InputError``, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from balancesim.cluster import PlacementError  # only here: the cluster package loads Redis's client
+
+        try:
+            return func(*args, **kwargs)
+        except PlacementError as error:
+            raise InputError(str(error)) from None
+        except sqlite3.DatabaseError as error:  # the message names no file: say it is a shard's
+            raise InputError(f"a shard file cannot be used: {error}") from None
+        except FileNotFoundError as error:  # reports: a SQLite file without the ledger's tables
+            raise InputError(str(error)) from None
+        except OSError as error:  # the directory cannot be made or read
+            raise InputError(f"{error.filename}: {error.strerror}") from None
 
     return wrapper

@@ -21,7 +21,7 @@ import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pykka
 
@@ -65,6 +65,9 @@ from balancesim.auth import DEFAULT_COST, hash_password, verify_password
 from balancesim.money import format_amount, parse_amount
 from balancesim.views import balances_view, result_of, trade_view, transaction_view
 
+if TYPE_CHECKING:  # imported when used: the embedded mode needs nothing of the cluster package
+    from balancesim.cluster import ShardIds
+
 __all__ = ["Engine", "DEFAULT_PAYOUT_RATES", "MAX_KEY_LENGTH", "create_user_in"]
 
 DEFAULT_PAYOUT_RATES = {30: "0.10", 60: "0.15"}
@@ -85,6 +88,11 @@ class Engine:
         start_prices: symbol → decimal string, the market's first prices.
         password_cost: scrypt's N for new passwords.
         batch_max: the most decisions in one group commit.
+        shard: this engine is that shard of a cluster: the file is locked for it
+            (``ShardFileInUse``) until ``stop``, its placement recorded or checked
+            (``PlacementError``), ids name the shard, and a new account whose
+            username another shard owns is refused (``WrongShard``). ``None``: the
+            embedded mode.
     """
 
     def __init__(
@@ -100,7 +108,9 @@ class Engine:
         start_prices: Mapping[str, str] | None = None,
         password_cost: int = DEFAULT_COST,
         batch_max: int = 1000,
+        shard: ShardIds | None = None,
     ) -> None:
+        self.shard = shard
         self.clock = clock or RealClock()
         self.seed = seed
         self.password_cost = password_cost
@@ -113,7 +123,18 @@ class Engine:
             if start_prices else START_PRICES
         )
         self.bus = EventBus()
-        self.ledger = Ledger(db_path, batch_max=batch_max)
+        self._lock = None
+        if shard is not None:
+            from balancesim.cluster import lock_shard_file
+
+            # Before the ledger opens: a second writer must not even record or check.
+            self._lock = lock_shard_file(db_path)
+        try:
+            self.ledger = Ledger(db_path, batch_max=batch_max, ids=shard)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         self.ledger.on_commit(self.bus.publish)
         self.registry = AccountRegistry(
             self.ledger, self.clock, idle_s=idle_s, max_live=max_live, threads=threads
@@ -156,6 +177,8 @@ class Engine:
         self._io.shutdown(wait=True)
         self.registry.stop_all()
         self.ledger.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def ready(self) -> bool:
         """Whether the engine takes commands: started, and its ledger writer alive."""
@@ -193,6 +216,8 @@ class Engine:
         if rejected is not None:
             return failed(rejected.error)
         try:
+            if self.shard is not None:
+                self.shard.partition_of(username)  # before hashing: the ledger would refuse it anyway
             check_password(password)
             self._check_key(idempotency_key)
         except errors.BalancesimError as error:
@@ -513,15 +538,19 @@ class Engine:
 
 
 def create_user_in(db_path: str, username: str, password: str, role: str = "user", *,
-                   cost: int = DEFAULT_COST, now: float | None = None) -> int:
+                   cost: int = DEFAULT_COST, now: float | None = None, shard: ShardIds | None = None) -> int:
     """Create an account in a ledger file directly (a server may be running on it); its id.
 
     The engine's own rules judge it (``validate`` and ``check_password``), so
     ``balancesim users create`` accepts exactly what ``POST /api/users`` does.
+    With ``shard``, the file is that shard's (recorded when new, checked otherwise)
+    and the id is allocated as that shard's engine does, in the same transaction as
+    the row, so a running shard and this never hand out the same id.
 
     Raises:
-        BalancesimError: ``invalid_request`` for a bad name, password or role;
-            ``conflict`` for a taken name.
+        BalancesimError: ``invalid_request`` for a bad name, password or role
+            (``WrongShard`` for another shard's name); ``conflict`` for a taken name.
+        PlacementError: with ``shard``, the file is another shard's.
         sqlite3.Error: the file is not a ledger that can be written.
     """
     import time
@@ -529,12 +558,21 @@ def create_user_in(db_path: str, username: str, password: str, role: str = "user
     rejected = validate(CreateUser(username, role, ""))
     if rejected is not None:
         raise rejected.error
+    if shard is not None:
+        shard.partition_of(username)
     check_password(password)
     db = connect(db_path)
     try:
-        create_schema(db)
-        return insert_user(db, username, role, hash_password(password, cost=cost),
-                           time.time() if now is None else now)
+        if shard is None:
+            create_schema(db)
+            return insert_user(db, username, role, hash_password(password, cost=cost),
+                               time.time() if now is None else now)
+        hashed = hash_password(password, cost=cost)  # not inside the write transaction
+        with db.atomic():
+            # One transaction: a new shard file gets its tables, its placement and its account at once.
+            create_schema(db)
+            shard.claim(db.conn, db_path)
+            return insert_user(db, username, role, hashed, time.time() if now is None else now, ids=shard)
     finally:
         db.close()
 

@@ -26,6 +26,7 @@ __all__ = [
     "StorageUnavailable",
     "Unavailable",
     "Timeout",
+    "WrongShard",
     "by_code",
 ]
 
@@ -159,6 +160,13 @@ class Timeout(BalancesimError):
         return body
 
 
+class WrongShard(InvalidRequest):
+    """``invalid_request`` (400) on the wire: a new account's username belongs on another
+    shard. Only a misrouting gateway or a wrong ``--data-dir`` file sees it (routing is by
+    username); a class of its own so that they can tell it from a client's bad field."""
+
+
+# Direct subclasses only: ``WrongShard`` shares ``invalid_request`` and must not claim it.
 _BY_CODE: dict[str, type[BalancesimError]] = {
     cls.code: cls for cls in BalancesimError.__subclasses__()
 }

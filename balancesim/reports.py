@@ -1,6 +1,9 @@
 """Read-only reports over a ledger file: verify, history, audit.
 
 They open the file themselves (a server may be running on it) and never write.
+A cluster's shard files are ledger files too: ``verify`` also checks, given the
+shard's ``ShardIds``, that every id there names that shard, and ``audit`` merges
+several files (``balancesim.cluster`` runs them over a data directory).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import contextlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import sqlite_utils
 
@@ -18,6 +21,9 @@ from balancesim.views import transaction_view
 from balancesim.actors._ledger import _TX_COLUMNS, connect, posted_from_row, snapshot
 from balancesim.errors import UnknownUser
 from balancesim.money import format_amount
+
+if TYPE_CHECKING:
+    from balancesim.cluster import ShardIds
 
 __all__ = ["VerifyReport", "verify", "history", "audit"]
 
@@ -61,17 +67,22 @@ def _snapshot(path: str) -> Iterator[sqlite_utils.Database]:
         db.close()
 
 
-def verify(path: str) -> VerifyReport:
+def verify(path: str, *, shard: ShardIds | None = None) -> VerifyReport:
     """Recompute every balance from the entries and check every invariant.
 
     Checks: versions run 1, 2, 3 … per account with no gap; each entry's
     ``balance_after`` is the running sum of its asset and never below zero; the
     stored balances and versions equal the recomputed ones; every spot order has
     both legs; every trade has its stake and exactly the settlement its status says.
+    Transaction ids only need to be unique: a shard's skip by the number of shards.
+    With ``shard``: every account's id and username name that shard, and every
+    transaction id is that shard's.
     """
     report = VerifyReport()
     with _snapshot(path) as db:
         users = {row[0]: row[1] for row in db.execute("SELECT user_id, version FROM users")}
+        if shard is not None:
+            report.problems.extend(_placement_problems(db, shard))
         stored = defaultdict(dict)
         for user_id, asset, amount in db.execute("SELECT user_id, asset, amount FROM balances"):
             stored[user_id][asset] = amount
@@ -136,6 +147,23 @@ def verify(path: str) -> VerifyReport:
     return report
 
 
+def _placement_problems(db: sqlite_utils.Database, shard: ShardIds) -> Iterator[str]:
+    """Ids in shard ``shard.index``'s file that do not name it (the placement's invariants)."""
+    from balancesim.cluster import partition_of_username, split_transaction_id
+
+    placement, index = shard.placement, shard.index
+    for user_id, username in db.execute("SELECT user_id, username FROM users ORDER BY user_id"):
+        partition = user_id % placement.partitions
+        if partition != partition_of_username(username, placement.partitions):
+            yield f"account {user_id} ({username!r}): its id is in partition {partition}, its username is not"
+        elif placement.table[partition] != index:
+            yield f"account {user_id}: partition {partition} is shard {placement.table[partition]}'s, not this one's"
+    for (tx_id,) in db.execute("SELECT transaction_id FROM transactions ORDER BY transaction_id"):
+        owner = split_transaction_id(tx_id)[0] if 0 < tx_id < 2**53 else None
+        if owner != index:
+            yield f"transaction {tx_id}: not an id of shard {index}"
+
+
 def history(path: str, user: str) -> list[dict[str, Any]]:
     """An account's entries, oldest first; ``user`` is a user id or a username."""
     with _snapshot(path) as db:
@@ -149,25 +177,33 @@ def history(path: str, user: str) -> list[dict[str, Any]]:
     return [transaction_view(posted_from_row(r)) for r in rows]
 
 
-def audit(path: str) -> dict[str, Any]:
+def audit(path: str | Sequence[str]) -> dict[str, Any]:
     """Every settlement not decided by the market, grouped by account.
+
+    ``path`` is a ledger file, or several (a cluster's shard files, whose accounts
+    never overlap): their accounts are merged in user id order, and totalled.
 
     Returns:
         ``{"accounts": [{user_id, username, count, stakes, payouts, by_decider,
         control_changes, trades}], "count", "stakes", "payouts"}`` with amounts
         as decimal strings.
     """
-    with _snapshot(path) as db:
-        names = dict(db.execute("SELECT user_id, username FROM users").fetchall())
-        changes = defaultdict(list)
-        for user_id, mode, set_by, ts in db.execute(
-            "SELECT user_id, mode, set_by, ts FROM control_changes ORDER BY id"
-        ):
-            changes[user_id].append({"mode": mode, "set_by": set_by, "ts": ts})
-        rows = db.execute(
-            "SELECT trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout "
-            "FROM trades WHERE status != 'open' AND decided_by != 'market' ORDER BY user_id, settled_at"
-        ).fetchall()
+    names: dict[int, str] = {}
+    changes = defaultdict(list)
+    rows = []
+    for one in [path] if isinstance(path, str) else path:
+        with _snapshot(one) as db:
+            names.update(db.execute("SELECT user_id, username FROM users").fetchall())
+            for user_id, mode, set_by, ts in db.execute(
+                "SELECT user_id, mode, set_by, ts FROM control_changes ORDER BY id"
+            ):
+                changes[user_id].append({"mode": mode, "set_by": set_by, "ts": ts})
+            rows += db.execute(
+                "SELECT trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout "
+                "FROM trades WHERE status != 'open' AND decided_by != 'market' ORDER BY user_id, settled_at"
+            ).fetchall()
+    if not isinstance(path, str):
+        rows.sort(key=lambda row: row[1])  # stable: each account's settlements stay in time order
     accounts: dict[int, dict[str, Any]] = {}
     totals = {"count": 0, "stakes": 0, "payouts": 0}
     for trade_id, user_id, symbol, direction, amount, status, decided_by, settled_at, payout in rows:

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import sqlite_utils
 
@@ -49,6 +49,9 @@ from balancesim.actors._messages import (
 )
 from balancesim.actors._reply import Reply
 from balancesim.actors._state import AccountState
+
+if TYPE_CHECKING:  # the cluster package imports the actors: at run time, ids are duck-typed
+    from balancesim.cluster import ShardIds
 
 __all__ = ["Ledger", "Submission", "connect", "create_schema", "insert_user", "parse_ts", "snapshot"]
 
@@ -175,19 +178,30 @@ def create_schema(db: sqlite_utils.Database) -> None:
             db.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
 
 
-def insert_user(db: sqlite_utils.Database, username: str, role: str, password_hash: str, now: float) -> int:
+def insert_user(db: sqlite_utils.Database, username: str, role: str, password_hash: str, now: float,
+                *, ids: ShardIds | None = None) -> int:
     """Insert a user with zero balances; ``Conflict`` if the name is taken.
 
     Runs inside the caller's transaction when there is one (a savepoint), so a
-    taken name never aborts the writer's whole batch.
+    taken name never aborts the writer's whole batch. With ``ids`` (a shard's), the
+    id is the username's partition's next one (``WrongShard`` if another shard owns
+    the name); without, SQLite's ``AUTOINCREMENT`` picks it.
     """
     try:
         with db.atomic():
-            cursor = db.execute(
-                "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                (username, role, password_hash, iso(now)),
-            )
-            user_id = cursor.lastrowid
+            if ids is None:
+                cursor = db.execute(
+                    "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                    (username, role, password_hash, iso(now)),
+                )
+                user_id = cursor.lastrowid
+            else:
+                # Inside the savepoint: a taken name rolls its sequence back with it.
+                user_id = ids.new_user_id(db.conn, username)
+                db.execute(
+                    "INSERT INTO users (user_id, username, role, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (user_id, username, role, password_hash, iso(now)),
+                )
             db.conn.executemany(
                 "INSERT INTO balances (user_id, asset, amount) VALUES (?, ?, 0)",
                 [(user_id, asset) for asset in ASSETS],
@@ -283,13 +297,29 @@ class Ledger:
         path: the SQLite file.
         batch_max: the most submissions committed in one transaction.
         readers: how many read connections to keep.
+        ids: a shard's id scheme (``balancesim.cluster.ShardIds``): its placement is
+            recorded in a new file and checked in an existing one (``PlacementError``),
+            and new users and transactions get ids that name the shard. ``None``: the
+            embedded mode's 1, 2, 3 …
     """
 
-    def __init__(self, path: str, *, batch_max: int = 1000, readers: int = 4) -> None:
+    def __init__(self, path: str, *, batch_max: int = 1000, readers: int = 4,
+                 ids: ShardIds | None = None) -> None:
         self.path = path
         self.batch_max = batch_max
+        self.ids = ids
         self._db = connect(path)
-        create_schema(self._db)
+        if ids is None:
+            create_schema(self._db)
+        else:
+            try:
+                # One transaction: a new shard file gets its tables and its placement at once.
+                with self._db.atomic():
+                    create_schema(self._db)
+                    ids.claim(self._db.conn, path)
+            except BaseException:
+                self._db.close()
+                raise
         self._readers: queue.Queue[sqlite_utils.Database] = queue.Queue()
         for _ in range(readers):
             self._readers.put(connect(path))
@@ -301,7 +331,14 @@ class Ledger:
         self.commits = 0
         self.committed_submissions = 0
         row = self._db.execute("SELECT COALESCE(MAX(transaction_id), 0) FROM transactions").fetchone()
-        self._next_tx_id = row[0] + 1
+        # Transactions are numbered by a sequence: the id itself in the embedded mode,
+        # the shard's own sequence (named into an id by ``ids``) in a shard.
+        if ids is None:
+            self._next_tx_seq = row[0] + 1
+            self._transaction_id: Callable[[int], int] = int  # the sequence is the id
+        else:
+            self._next_tx_seq = ids.next_transaction_sequence(row[0], path)
+            self._transaction_id = ids.transaction_id
         self._thread = threading.Thread(target=self._run, name="LedgerWriter", daemon=True)
         self._thread.start()
 
@@ -376,11 +413,11 @@ class Ledger:
                 self._poisoned.discard(item.user_id)
             else:
                 barriers.append(item)
-        first_tx_id = self._next_tx_id
+        first_tx_seq = self._next_tx_seq
         try:
             outcomes = self._write(accepted)
         except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
-            self._next_tx_id = first_tx_id
+            self._next_tx_seq = first_tx_seq
             self._fail(accepted, error)
         else:
             self.commits += 1
@@ -402,13 +439,13 @@ class Ledger:
 
     def _number(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
         if len(events) == 1 and type(events[0]) is Posted:  # a deposit, a withdrawal: the common case
-            self._next_tx_id += 1
-            return (events[0].numbered(self._next_tx_id - 1),)
+            self._next_tx_seq += 1
+            return (events[0].numbered(self._transaction_id(self._next_tx_seq - 1)),)
         out = []
         for event in events:
             if isinstance(event, Posted):
-                event = event.numbered(self._next_tx_id)
-                self._next_tx_id += 1
+                event = event.numbered(self._transaction_id(self._next_tx_seq))
+                self._next_tx_seq += 1
             out.append(event)
         return tuple(out)
 
@@ -433,8 +470,9 @@ class Ledger:
                 else:
                     try:
                         events = (write_user(self, sub.command, sub.events[0]),)
-                    except (errors.Conflict, errors.UnknownUser) as error:
-                        # Refused by the file (a taken name, a missing account): this one
+                    except (errors.Conflict, errors.UnknownUser, errors.WrongShard) as error:
+                        # Refused by the file (a taken name, a missing account, another
+                        # shard's name): this one
                         # stays out, the rest of the batch commits.
                         outcomes.append(error)
                         continue
@@ -476,7 +514,8 @@ class Ledger:
         return outcomes
 
     def _insert_user(self, command: CreateUser, decided: UserCreated) -> UserCreated:
-        user_id = insert_user(self._db, command.username, command.role, command.password_hash, decided.ts)
+        user_id = insert_user(self._db, command.username, command.role, command.password_hash, decided.ts,
+                              ids=self.ids)
         return UserCreated(user_id, decided.username, decided.role, decided.ts)
 
     def _update_user(self, command: UpdateUser, decided: UserUpdated) -> UserUpdated:

@@ -5,7 +5,9 @@ records that in every shard file; ``_wire`` (pure) seals every command, event an
 reply with an HMAC under the cluster's secret, and opens only what verifies;
 ``_redis_server`` runs a private ``redis-server`` that forgets on restart, and
 ``_streams`` is the Streams fabric over it (coalescing producer, consumer group,
-tail), which never hides a failure. The shard and gateway processes come next.
+tail), which never hides a failure. ``_shard`` numbers a shard's accounts and
+entries by the placement (``ShardIds``, given to the ``Engine``) and locks its file;
+``_data_dir`` runs ``users create`` and the ``ledger`` reports over a data directory. The shard and gateway processes come next.
 """
 
 from balancesim.cluster._backoff import Backoff
@@ -33,6 +35,17 @@ from balancesim.cluster._placement import (
     transaction_id_for,
     user_id_for,
 )
+from balancesim.cluster._data_dir import (
+    DataDir,
+    ShardVerified,
+    audit_data_dir,
+    create_user_in_data_dir,
+    history_in_data_dir,
+    make_data_dir,
+    open_data_dir,
+    verify_data_dir,
+)
+from balancesim.cluster._shard import ShardFileInUse, ShardIds, ShardLock, lock_shard_file
 from balancesim.cluster._wire import (
     MIN_SECRET_CHARS,
     SECRET_ENV,
@@ -53,4 +66,7 @@ __all__ = [
     "ShardRecord", "check", "partition_of_username", "placement_of_data_dir", "record",
     "recorded", "shard_file", "shard_of_user_id", "shard_of_username", "split_transaction_id",
     "split_user_id", "transaction_id_for", "user_id_for", "load_secret", "open_sealed", "seal",
+    "ShardFileInUse", "ShardIds", "ShardLock", "lock_shard_file",
+    "DataDir", "ShardVerified", "audit_data_dir", "create_user_in_data_dir", "history_in_data_dir",
+    "make_data_dir", "open_data_dir", "verify_data_dir",
 ]
