@@ -17,6 +17,8 @@ block: callers on an event loop run them in an executor.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import threading
@@ -44,6 +46,7 @@ from balancesim.actors import (
     Posted,
     PriceBoard,
     RealClock,
+    Rejected,
     Reply,
     SetControlMode,
     START_PRICES,
@@ -68,7 +71,21 @@ from balancesim.views import balances_view, result_of, trade_view, transaction_v
 if TYPE_CHECKING:  # imported when used: the embedded mode needs nothing of the cluster package
     from balancesim.cluster import ShardIds
 
-__all__ = ["Engine", "DEFAULT_PAYOUT_RATES", "MAX_KEY_LENGTH", "create_user_in"]
+__all__ = ["Engine", "DEFAULT_PAYOUT_RATES", "MAX_KEY_LENGTH", "create_user_in", "deadline"]
+
+# The deadline of the commands submitted in this context (a shard serving a call sets
+# it from the call): past it, the ledger refuses to commit them.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(at: float | None) -> Any:
+    """Commands submitted inside are not committed after ``at`` (seconds since the epoch)."""
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 DEFAULT_PAYOUT_RATES = {30: "0.10", 60: "0.15"}
 MAX_KEY_LENGTH = 128
@@ -337,7 +354,7 @@ class Engine:
         if rejected is not None:
             return failed(rejected.error)
         reply = Reply(result_of)
-        self._io.submit(self._force, reply, trade_id, outcome, admin_id, idempotency_key)
+        self._io.submit(self._force, reply, trade_id, outcome, admin_id, idempotency_key, _DEADLINE.get())
         return reply
 
     def spot_order(self, user_id: int, symbol: str, side: str, quantity: str,
@@ -429,6 +446,7 @@ class Engine:
         if type(user_id) is not int:
             return failed(errors.InvalidRequest("user_id must be an integer"))
         reply = Reply(result_of)
+        until = _DEADLINE.get()
         if key is None and user_id in self._known_users:
             # The hot path: no I/O to do, so no thread hop.
             try:
@@ -436,13 +454,13 @@ class Engine:
             except errors.BalancesimError as error:
                 reply.set_exception(error)
             else:
-                self.registry.tell(user_id, Envelope(command, reply))
+                self.registry.tell(user_id, Envelope(command, reply, None, until))
             return reply
-        self._io.submit(self._prepare, reply, user_id, make, op, params, caller, key)
+        self._io.submit(self._prepare, reply, user_id, make, op, params, caller, key, until)
         return reply
 
     def _prepare(self, reply: Reply, user_id: int, make: Callable[[], Command], op: str, params: dict,
-                 caller: int, key: str | None) -> None:
+                 caller: int, key: str | None, until: float | None = None) -> None:
         """On an engine thread: the checks that read the ledger, then the send."""
         try:
             if user_id not in self._known_users and self.user(user_id) is None:
@@ -453,13 +471,14 @@ class Engine:
             reply.set_exception(error)
             return
         if key is None:
-            self.registry.tell(user_id, Envelope(command, reply))
+            self.registry.tell(user_id, Envelope(command, reply, None, until))
             return
         fingerprint = json.dumps({"op": op, "user_id": user_id, **params}, sort_keys=True)
         self._keyed(reply, caller, key, fingerprint,
-                    lambda raw, idem: self.registry.tell(user_id, Envelope(command, raw, idem)))
+                    lambda raw, idem: self.registry.tell(user_id, Envelope(command, raw, idem, until)))
 
-    def _force(self, reply: Reply, trade_id: str, outcome: str, admin_id: int, key: str | None) -> None:
+    def _force(self, reply: Reply, trade_id: str, outcome: str, admin_id: int, key: str | None,
+               until: float | None = None) -> None:
         trade = self.ledger.trade(trade_id) if is_text(trade_id) else None
         if trade is None:
             reply.set_exception(errors.UnknownTrade(f"no trade {trade_id!r}"))
@@ -467,7 +486,7 @@ class Engine:
             reply.set_exception(errors.Conflict(f"trade {trade_id} has already settled"))
         else:
             self._prepare(reply, trade.user_id, lambda: ForceOption(trade.user_id, trade_id, outcome, admin_id),
-                          "force", {"trade_id": trade_id, "outcome": outcome}, admin_id, key)
+                          "force", {"trade_id": trade_id, "outcome": outcome}, admin_id, key, until)
 
     def _create(self, reply: Reply, command: CreateUser, password: str, key: str | None) -> None:
         """On a hashing thread: hash, then hand the new account to the ledger writer."""
@@ -509,6 +528,8 @@ class Engine:
                 send(pending[1], (caller, key, fingerprint))
         elif isinstance(pending[1], Confirmed):
             reply.set(pending[1])
+        elif isinstance(pending[1], Rejected):  # it expired before its commit: a repeat says so
+            reply.set_exception(pending[1].error)
         else:  # a body stored by an older release, answered as it is
             reply._view = None
             reply.set(pending[1])

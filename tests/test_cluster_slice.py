@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
+import time
 
 import pykka
+import redis.asyncio
 from tornado.testing import gen_test
 
 from balancesim.cluster import shard_of_user_id, shard_of_username
 from balancesim.gateway import make_app
-from tests.cluster_harness import LocalCluster
+from balancesim.cluster._rpc import FIELD, Call, commands_stream, pack, replies_stream
+from tests.cluster_harness import SECRET, LocalCluster
 from tests.gateway_harness import GatewayCase, WAIT_S
 
 
@@ -127,3 +131,113 @@ class ClusterSlice(ClusterCase):
             if message["type"] != "price_tick":
                 out.append(message)
         return out
+
+
+class Deadlines(ClusterCase):
+    """A slow shard, a lost answer, a call delivered twice: the outcome is never a guess.
+
+    The superadmin lives on the other shard than alice, so only alice's is slow.
+    """
+
+    def get_app(self):
+        app = super().get_app()
+        self.remote.timeout_s = 1.0
+        return app
+
+    async def account(self, username: str, role: str = "user", usdt: str | None = None):
+        if username == "boss":
+            alice_shard = shard_of_username(self.cluster.placement, "alice")
+            username = next(f"boss{n}" for n in range(100)
+                            if shard_of_username(self.cluster.placement, f"boss{n}") != alice_shard)
+        return await super().account(username, role, usdt)
+
+    def stall(self, username: str, seconds: float) -> None:
+        """Block the shard of ``username`` as SIGSTOP would: its loop reads nothing meanwhile."""
+        shard = self.cluster.shards[shard_of_username(self.cluster.placement, username)]
+        shard.loop.call_soon_threadsafe(time.sleep, seconds)
+
+    @gen_test(timeout=30)
+    async def test_a_stalled_shard_gives_504_with_the_key_and_the_late_call_never_applies(self):
+        boss = await self.account("boss", "superadmin")
+        alice = await self.account("alice", usdt="10")
+        self.stall("alice", 3.5)
+        request = ("POST", "/api/admin/deposits", {"user_id": alice["user_id"], "amount": "5"}, boss["token"])
+        status, body = await self.call(*request, headers={"Idempotency-Key": "late-1"})
+        assert (status, body["error"]["code"], body["idempotency_key"]) == (504, "timeout", "late-1")
+        await asyncio.sleep(3.5)  # the shard wakes and reads the call, past its deadline
+        status, balance = await self.call("GET", "/api/balance", token=alice["token"])
+        assert (balance["balances"]["USDT"], balance["version"]) == ("10", 1)
+        status, again = await self.call(*request, headers={"Idempotency-Key": "late-1"})
+        assert (status, again["error"]["code"]) == (503, "unavailable") and "expired" in again["error"]["message"]
+        status, fresh = await self.call(*request, headers={"Idempotency-Key": "late-2"})
+        assert status == 201 and fresh["transaction"]["balance_after"] == "15"
+
+    @gen_test(timeout=30)
+    async def test_without_a_key_the_504_names_the_key_the_gateway_assigned(self):
+        boss = await self.account("boss", "superadmin")
+        alice = await self.account("alice", usdt="10")
+        self.stall("alice", 3.5)
+        status, body = await self.call("POST", "/api/admin/deposits", {"user_id": alice["user_id"], "amount": "5"},
+                                       boss["token"])
+        assert status == 504 and body["idempotency_key"].startswith("gw-")
+
+    @gen_test(timeout=30)
+    async def test_a_call_that_applied_but_whose_answer_was_lost_gets_its_real_outcome(self):
+        boss = await self.account("boss", "superadmin")
+        alice = await self.account("alice", usdt="10")
+        service = self.cluster.shards[shard_of_username(self.cluster.placement, "alice")].service
+        answer = service._answer
+        lost = []
+
+        async def lose_the_first(call, started):
+            if call.op == "deposit" and not lost:
+                lost.append(call.cid)
+                return  # committed (or about to be), and the answer never sent
+            await answer(call, started)
+
+        service._answer = lose_the_first
+        status, body = await self.call("POST", "/api/admin/deposits", {"user_id": alice["user_id"], "amount": "5"},
+                                       boss["token"], headers={"Idempotency-Key": "lost-answer"})
+        assert lost and status == 201 and body["transaction"]["balance_after"] == "15"
+        status, history = await self.call("GET", "/api/transactions", token=alice["token"])
+        assert [t["amount"] for t in history["transactions"]] == ["10", "5"]
+
+    @gen_test(timeout=30)
+    async def test_a_call_delivered_twice_applies_once(self):
+        boss = await self.account("boss", "superadmin")
+        alice = await self.account("alice", usdt="10")
+        shard = shard_of_username(self.cluster.placement, "alice")
+        args = {"user_id": alice["user_id"], "amount": "5", "asset": "USDT", "description": "",
+                "initiated_by": boss["user_id"], "idempotency_key": "twice"}
+        client = redis.asyncio.Redis.from_url(self.cluster.redis.url)
+        for n in range(2):  # the same call twice, as a redelivery after a crash between COMMIT and XACK
+            call = Call(f"test-{n}", "deposit", args, replies_stream("test"), None)
+            await client.xadd(commands_stream(shard), {FIELD: pack(SECRET, call)})
+        await client.aclose()
+        for _ in range(100):
+            status, history = await self.call("GET", "/api/transactions", token=alice["token"])
+            if len(history["transactions"]) > 1:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        status, history = await self.call("GET", "/api/transactions", token=alice["token"])
+        assert [t["amount"] for t in history["transactions"]] == ["10", "5"]
+
+    @gen_test(timeout=30)
+    async def test_a_forged_call_is_refused(self):
+        alice = await self.account("alice", usdt="10")
+        shard = shard_of_username(self.cluster.placement, "alice")
+        service = self.cluster.shards[shard].service
+        call = Call("evil", "deposit", {"user_id": alice["user_id"], "amount": "1000", "idempotency_key": "x"},
+                    replies_stream("evil"), None)
+        client = redis.asyncio.Redis.from_url(self.cluster.redis.url)
+        await client.xadd(commands_stream(shard), {FIELD: pack(b"not the cluster's secret, but 32+ bytes", call)})
+        await client.aclose()
+        for _ in range(100):
+            if service.forged:
+                break
+            await asyncio.sleep(0.05)
+        assert service.forged == 1
+        status, balance = await self.call("GET", "/api/balance", token=alice["token"])
+        assert balance["balances"]["USDT"] == "10"
+

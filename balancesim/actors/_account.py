@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class Envelope(NamedTuple):
-    """What an account actor receives: a command, the reply to complete, and an
-    optional idempotency ``(caller_id, key, fingerprint)``.
+    """What an account actor receives: a command, the reply to complete, an optional
+    idempotency ``(caller_id, key, fingerprint)``, and an optional deadline (seconds
+    since the epoch, this machine's clock) past which the ledger must not commit it.
 
     A named tuple: one is made per mutation, and a frozen dataclass builds slower.
     """
@@ -31,6 +32,7 @@ class Envelope(NamedTuple):
     command: Command
     reply: Reply
     idempotency: tuple[int, str, str] | None = None
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class AccountActor(PooledActor):
         self.state = apply_all(self.state, verdict.events)
         self.ledger.append(Submission(
             self.user_id, message.command, verdict.events, message.reply, self._reload_later,
-            message.idempotency,
+            message.idempotency, message.deadline,
         ))
 
     def _load(self) -> None:

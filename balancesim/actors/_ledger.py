@@ -22,6 +22,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -42,6 +43,7 @@ from balancesim.actors._messages import (
     OptionOpened,
     OptionSettled,
     Posted,
+    Rejected,
     Trade,
     UpdateUser,
     UserCreated,
@@ -262,6 +264,9 @@ class Submission:
             must reload (and then ``reset``).
         idempotency: ``(caller_id, key, fingerprint)``; the committed events are
             stored under it in the same transaction.
+        deadline: seconds since the epoch; a submission still queued then is not
+            committed (its caller has been told the outcome is unknown): the writer
+            refuses it and remembers the refusal under its key, so a repeat says so.
     """
 
     user_id: int | None
@@ -270,6 +275,7 @@ class Submission:
     reply: Reply
     on_failure: Callable[[], None] | None = None
     idempotency: tuple[int, str, str] | None = None
+    deadline: float | None = None
 
 
 @dataclass
@@ -401,9 +407,12 @@ class Ledger:
     def _commit(self, batch: list[Any]) -> None:
         accepted: list[Submission] = []
         barriers: list[_Barrier] = []
+        now = time.time()
         for item in batch:
             if type(item) is Submission:
-                if item.user_id in self._poisoned:
+                if item.deadline is not None and item.deadline < now:
+                    self._expire(item)
+                elif item.user_id in self._poisoned:
                     item.reply.set_exception(
                         errors.StorageUnavailable("the ledger could not store an earlier change")
                     )
@@ -541,6 +550,26 @@ class Ledger:
         CreateUser: _insert_user,
         UpdateUser: _update_user,
     }
+
+    def _expire(self, sub: Submission) -> None:
+        """Refuse a submission whose deadline passed while it waited: like a failed commit
+        for its account (the actor reloads; what it decided after it fails too), and a
+        refusal remembered under its key, in a transaction of its own."""
+        expired = errors.Unavailable("the request expired before it was committed; nothing changed: "
+                                     "send it again with a new Idempotency-Key")
+        if sub.user_id is not None:
+            self._poisoned.add(sub.user_id)
+        if sub.idempotency is not None:
+            try:
+                with self._db.atomic():
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO idempotency (caller_id, key, fingerprint, result) VALUES (?, ?, ?, ?)",
+                        (*sub.idempotency, encode(Rejected(expired)).decode()))
+            except Exception:  # noqa: BLE001 - the refusal stands; only its memory is lost
+                log.exception("could not remember an expired request's key")
+        if sub.on_failure is not None:
+            sub.on_failure()
+        sub.reply.set_exception(expired)
 
     def _fail(self, accepted: list[Submission], error: Exception) -> None:
         failure = errors.StorageUnavailable(f"the ledger could not be written: {error}")

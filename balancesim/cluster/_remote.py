@@ -31,6 +31,7 @@ from balancesim.cluster._placement import Placement, shard_of_user_id, shard_of_
 from balancesim.cluster._rpc import (
     FIELD, Answer, Call, EventBatch, commands_stream, events_stream, pack, replies_stream, unpack,
 )
+from balancesim.cluster._service import caller_of, redis_clock_offset_s
 from balancesim.cluster._streams import Entry, NotSent, Producer, Tail, Unknown
 from balancesim.cluster._wire import Forged
 from balancesim.gateway._auth import Principal
@@ -57,12 +58,16 @@ class RemoteEngine:
         redis_url: the fabric.
         placement: the cluster's placement (how many shards, which partition where).
         secret: the cluster secret.
-        timeout_s: how long a call may take before the gateway gives up on it.
+        timeout_s: how long a call may take before the gateway asks for its outcome
+            (and as long again for that answer, before it says 504).
         gateway_id: names this gateway's replies stream (random by default).
+        max_in_flight: calls to one shard awaiting their answers; beyond it, new ones
+            are refused before they are sent (503 with Retry-After), so that at
+            saturation deadlines do not all expire together.
     """
 
     def __init__(self, redis_url: str, placement: Placement, secret: bytes, *, timeout_s: float = 5.0,
-                 gateway_id: str | None = None) -> None:
+                 gateway_id: str | None = None, max_in_flight: int = 1024) -> None:
         self.redis_url = redis_url
         self.placement = placement
         self.secret = secret
@@ -77,13 +82,18 @@ class RemoteEngine:
         self._tails: list[Tail] = []
         self._last_seq: dict[int, tuple[str, int]] = {}
         self._prices: PriceTicked = PriceTicked(dict(START_PRICES), time.time())
+        self.max_in_flight = max_in_flight
+        self._in_flight = [0] * placement.shards
+        self.clock_offset_s = 0.0
         self.gaps = 0
+        self.timeouts = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> RemoteEngine:
         """Read the answers to this gateway and every shard's events, on the running loop."""
         self.loop = asyncio.get_running_loop()
+        self.clock_offset_s = await redis_clock_offset_s(self.redis_url)
         self._producer = Producer(self.redis_url)
         self._tails = [Tail(self.redis_url, replies_stream(self.gateway_id), self._answers, start_id="$").start()]
         for shard in range(self.placement.shards):
@@ -111,12 +121,41 @@ class RemoteEngine:
     # -- calls -------------------------------------------------------------------------
 
     async def call(self, shard: int, op: str, args: dict[str, Any], *, key: str | None = None) -> Any:
-        """Send ``op`` to ``shard`` and await its answer's value (raises its refusal)."""
+        """Send ``op`` to ``shard`` and await its answer's value (raises its refusal).
+
+        A keyed call whose answer does not come in time is followed by an outcome
+        query for its key, through the same stream; only when that goes unanswered
+        too is the answer ``504 timeout`` with the key.
+        """
+        if self._in_flight[shard] >= self.max_in_flight:
+            busy = errors.Unavailable(f"shard {shard} has {self.max_in_flight} requests in flight; try again")
+            busy.retry_after_s = 1  # type: ignore[attr-defined]
+            raise busy
+        self._in_flight[shard] += 1
+        try:
+            try:
+                return await self._send(shard, op, args)
+            except asyncio.TimeoutError:
+                pass
+            caller = caller_of(op, args)
+            if key is None or caller is None:
+                self.timeouts += 1
+                raise _timeout(shard, key) from None
+            try:
+                return await self._send(shard, "outcome", {"caller": caller, "key": key})
+            except (asyncio.TimeoutError, errors.Timeout):
+                self.timeouts += 1
+                raise _timeout(shard, key) from None
+        finally:
+            self._in_flight[shard] -= 1
+
+    async def _send(self, shard: int, op: str, args: dict[str, Any]) -> Any:
         assert self._producer is not None and self.loop is not None
         cid = f"{self.gateway_id}-{next(self._cids)}"
         answer: asyncio.Future[Answer] = self.loop.create_future()
         self._pending[cid] = answer
-        message = pack(self.secret, Call(cid, op, args, replies_stream(self.gateway_id)))
+        deadline_ms = int((time.time() + self.clock_offset_s + self.timeout_s) * 1000)
+        message = pack(self.secret, Call(cid, op, args, replies_stream(self.gateway_id), deadline_ms))
         try:
             try:
                 await self._producer.add(commands_stream(shard), {FIELD: message})
@@ -124,10 +163,7 @@ class RemoteEngine:
                 raise errors.Unavailable(f"shard {shard} cannot be reached: {error}") from None
             except Unknown:
                 pass  # it may have been handed over: wait for the answer as for any other
-            try:
-                done = await asyncio.wait_for(asyncio.shield(answer), self.timeout_s)
-            except asyncio.TimeoutError:
-                raise _timeout(shard, key) from None
+            done = await asyncio.wait_for(asyncio.shield(answer), self.timeout_s)
         finally:
             self._pending.pop(cid, None)
         if not done.ok:
@@ -348,6 +384,7 @@ class RemoteTokens:
                               {"token": token, "principal": {"user_id": principal.user_id,
                                                              "username": principal.username,
                                                              "role": principal.role}})
+        self._remember(token, principal)
         return token
 
     async def check(self, token: str | None) -> Principal | None:
@@ -361,10 +398,13 @@ class RemoteTokens:
         if found is None:
             return None
         principal = Principal(**found)
-        if len(self._cache) >= self.cache_max:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[token] = principal  # type: ignore[index]
+        self._remember(token, principal)  # type: ignore[arg-type]
         return principal
+
+    def _remember(self, token: str, principal: Principal) -> None:
+        if len(self._cache) >= self.cache_max:
+            self._cache.pop(next(iter(self._cache)))  # the oldest: it is still on its shard
+        self._cache[token] = principal
 
     def check_blocking(self, token: str | None) -> Principal | None:
         owner = _owner_of_token(token)

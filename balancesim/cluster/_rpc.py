@@ -51,12 +51,15 @@ class Call:
         op: a name from the shard's operation table.
         args: its arguments, plain JSON (decimal strings for money).
         reply_to: the gateway's replies stream.
+        deadline_ms: on Redis's clock (``TIME``), not the gateway's: past it, the
+            shard does not commit the call (it checks again right before COMMIT).
     """
 
     cid: str
     op: str
     args: dict[str, Any]
     reply_to: str
+    deadline_ms: int | None = None
 
 
 @dataclass(frozen=True)

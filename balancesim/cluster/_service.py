@@ -25,17 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from balancesim import errors
-from balancesim.actors import Reply, as_asyncio
+from balancesim.actors import Rejected, Reply, as_asyncio
 from balancesim.actors._codec import to_plain
 from balancesim.cluster._rpc import (
     FIELD, Answer, Call, EventBatch, commands_stream, events_stream, pack, unpack,
 )
 from balancesim.cluster._streams import Consumer, Entry, Producer
 from balancesim.cluster._wire import Forged
-from balancesim.engine import Engine
+from balancesim.engine import Engine, deadline
 from balancesim.gateway._auth import Principal, TokenStore
 
-__all__ = ["ShardService", "SHARD_OPERATIONS"]
+__all__ = ["ShardService", "SHARD_OPERATIONS", "CALLER_ARG", "caller_of", "redis_clock_offset_s"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,24 @@ def _login(service: ShardService, username: str, password: str) -> Reply:
     return service.engine.login(username, password)
 
 
+async def _outcome(service: ShardService, caller: int, key: str) -> Any:
+    """What became of the keyed call ``(caller, key)``: a gateway asks when its answer
+    did not come in time. The call was read before this (one stream, read in order), so
+    it is either still in flight here, or its outcome is in the ledger."""
+    pending = service.in_flight.get((caller, key))
+    if pending is not None:
+        await as_asyncio(pending)
+        return pending.raw()
+    stored = await service.blocking(lambda: service.engine.ledger.remembered(caller, key))
+    if stored is None:
+        raise errors.Timeout("no outcome is recorded for this key: it was refused, or never arrived",
+                             idempotency_key=key)
+    value = stored[1]
+    if isinstance(value, Rejected):
+        raise value.error
+    return value
+
+
 #: The operations a shard serves, by the name a ``Call`` gives. One table, so the
 #: gateway's remote engine and the shard agree on exactly one list.
 SHARD_OPERATIONS: dict[str, Op] = {
@@ -104,6 +122,7 @@ SHARD_OPERATIONS: dict[str, Op] = {
     "token_check": _read(_token_check),
     "token_revoke": _token_revoke,
     "token_revoke_user": _token_revoke_user,
+    "outcome": _outcome,
     "ping": lambda service: {"shard": service.index, "epoch": service.epoch},
 }
 
@@ -128,6 +147,10 @@ class ShardService:
         self.epoch = secrets.token_hex(8)
         self.seq = 0
         self.forged = 0
+        # Keyed calls not yet answered, by (caller, key): what an outcome query follows.
+        self.in_flight: dict[tuple[int, str], Reply] = {}
+        # Redis's clock minus this machine's: deadlines are on Redis's clock.
+        self.clock_offset_s = 0.0
         self._executor = ThreadPoolExecutor(4, thread_name_prefix=f"shard{index}-io")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: Producer | None = None
@@ -138,6 +161,7 @@ class ShardService:
         """Publish committed events and serve calls, on the running loop."""
         self._loop = asyncio.get_running_loop()
         self.tokens.executor = self._executor
+        self.clock_offset_s = await redis_clock_offset_s(self.redis_url)
         self._producer = Producer(self.redis_url)
         self._unsubscribe = self.engine.subscribe(self._committed)
         self._consumer = Consumer(self.redis_url, commands_stream(self.index), "shard",
@@ -190,8 +214,15 @@ class ShardService:
         op = SHARD_OPERATIONS.get(call.op)
         if op is None:
             return errors.InvalidRequest(f"no shard operation {call.op!r}")
+        until = None if call.deadline_ms is None else call.deadline_ms / 1000 - self.clock_offset_s
         try:
-            return op(self, **call.args)
+            with deadline(until):
+                started = op(self, **call.args)
+            ident = _ident(call)
+            if ident is not None and isinstance(started, Reply):
+                self.in_flight[ident] = started
+                started.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self.in_flight.pop, ident, None))
+            return started
         except errors.BalancesimError as error:
             return error
         except TypeError as error:  # arguments that do not fit: a gateway of another release
@@ -224,3 +255,44 @@ def _log_lost(sent: asyncio.Future[Any]) -> None:
         # Redis may lose anything: a lost answer ends in the gateway's 504 (and an
         # outcome look-up by key); a lost event batch in a gap the gateways repair.
         log.warning("a message to Redis was lost: %s", sent.exception())
+
+
+# Who is the caller of a keyed mutation, by operation: the idempotency key's scope.
+CALLER_ARG = {
+    "deposit": "initiated_by", "withdraw": "initiated_by", "adjust": "initiated_by",
+    "open_option": "user_id", "spot_order": "user_id", "set_control_mode": "set_by",
+    "force_option": "admin_id", "create_user": "created_by", "update_user": "set_by",
+}
+
+
+def caller_of(op: str, args: dict[str, Any]) -> int | None:
+    """The caller a mutation's idempotency key is scoped to, as the engine scopes it
+    (``None``: not a mutation)."""
+    name = CALLER_ARG.get(op)
+    if name is None:
+        return None
+    caller = args.get(name)
+    return caller if caller is not None else (args.get("user_id") or 0)
+
+
+def _ident(call: Call) -> tuple[int, str] | None:
+    """``(caller, key)`` of a keyed mutation."""
+    key = call.args.get("idempotency_key")
+    caller = caller_of(call.op, call.args)
+    return None if key is None or caller is None else (caller, key)
+
+
+async def redis_clock_offset_s(redis_url: str) -> float:
+    """Redis's clock minus this machine's, in seconds (deadlines are on Redis's clock)."""
+    import time
+
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        before = time.time()
+        seconds, micros = await client.time()
+        after = time.time()
+    finally:
+        await client.aclose()
+    return seconds + micros / 1e6 - (before + after) / 2
