@@ -13,6 +13,7 @@ from tornado.testing import gen_test
 
 from balancesim.cluster import shard_of_user_id, shard_of_username
 from balancesim.gateway import make_app
+from balancesim.cluster._remote import wire_gateway
 from balancesim.cluster._rpc import FIELD, Call, commands_stream, pack, replies_stream
 from tests.cluster_harness import SECRET, LocalCluster
 from tests.gateway_harness import GatewayCase, WAIT_S
@@ -40,6 +41,7 @@ class ClusterCase(GatewayCase):
         self.sockets = []
         self.app = make_app(self.remote, tokens=tokens)
         self.ctx = self.app.settings["ctx"]
+        wire_gateway(self.remote, tokens, self.ctx.hub)
         return self.app
 
     def tearDown(self):
@@ -241,3 +243,66 @@ class Deadlines(ClusterCase):
         status, balance = await self.call("GET", "/api/balance", token=alice["token"])
         assert balance["balances"]["USDT"] == "10"
 
+
+
+class TwoGateways(ClusterCase):
+    """What one gateway learns, the other knows: logouts, and lost events."""
+
+    async def second_gateway(self) -> str:
+        from tornado.httpserver import HTTPServer
+        from tornado.netutil import bind_sockets
+
+        remote, tokens = await self.cluster.gateway()
+        app = make_app(remote, tokens=tokens)
+        wire_gateway(remote, tokens, app.settings["ctx"].hub)
+        sockets = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(app)
+        server.add_sockets(sockets)
+        self.others = getattr(self, "others", []) + [(server, app, remote)]
+        return f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+
+    def tearDown(self):
+        for server, app, remote in getattr(self, "others", []):
+            server.stop()
+            app.close()
+            self.io_loop.run_sync(remote.aclose)
+        super().tearDown()
+
+    async def call_at(self, base: str, method: str, path: str, token: str | None = None):
+        from tornado.httpclient import AsyncHTTPClient
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = await AsyncHTTPClient().fetch(base + path, method=method, headers=headers, raise_error=False,
+                                                 body=b"" if method == "POST" else None)
+        return response.code
+
+    @gen_test(timeout=30)
+    async def test_a_login_from_one_gateway_works_on_the_other_and_a_logout_is_refused_by_both(self):
+        other = await self.second_gateway()
+        alice = await self.account("alice", usdt="1")
+        assert await self.call_at(other, "GET", "/api/balance", alice["token"]) == 200  # cached there now
+        assert (await self.call("POST", "/api/logout", token=alice["token"]))[0] == 204
+        for _ in range(100):  # the revocation crosses Redis: bounded far above normal
+            if await self.call_at(other, "GET", "/api/balance", alice["token"]) == 401:
+                break
+            await asyncio.sleep(0.05)
+        assert await self.call_at(other, "GET", "/api/balance", alice["token"]) == 401
+        assert (await self.call("GET", "/api/balance", token=alice["token"]))[0] == 401
+
+    @gen_test(timeout=30)
+    async def test_a_lost_event_batch_closes_the_sessions_that_may_have_missed_it_with_1012(self):
+        alice_name, bob_name = usernames_on_both_shards(self.cluster, 1)
+        alice, bob = await self.account(alice_name), await self.account(bob_name)
+        admin = await self.account("watcher", "admin")
+        alice_ws, bob_ws, admin_ws = await self.session(alice), await self.session(bob), await self.session(admin)
+        shard = shard_of_username(self.cluster.placement, alice_name)
+        service = self.cluster.shards[shard].service
+        # A batch Redis lost: the next one the gateways see skips a number.
+        service._loop.call_soon_threadsafe(lambda: setattr(service, "seq", service.seq + 1))
+        await asyncio.sleep(0.2)
+        self.cluster.engine_of(alice_name).deposit(alice["user_id"], "1").get(timeout=WAIT_S)
+        for ws in (alice_ws, admin_ws):
+            while await self.wait(ws.read_message()) is not None:
+                pass
+            assert ws.close_code == 1012
+        assert [m["type"] for m in await self.until_pong(bob_ws)] == []  # the other shard's owner: untouched

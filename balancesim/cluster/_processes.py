@@ -24,7 +24,7 @@ import redis.asyncio
 
 from balancesim.actors import RealClock
 from balancesim.cluster._placement import Placement
-from balancesim.cluster._remote import RemoteEngine, RemoteTokens
+from balancesim.cluster._remote import RemoteEngine, RemoteTokens, wire_gateway
 from balancesim.cluster._service import ShardService
 from balancesim.cluster._shard import ShardIds
 from balancesim.engine import Engine
@@ -159,8 +159,10 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
     tune_gc()
     placement = await read_placement(options.redis_url)
     remote = await RemoteEngine(options.redis_url, placement, options.secret, timeout_s=options.timeout_s).start()
-    app = make_app(remote, tokens=RemoteTokens(remote), trust_proxy=options.trust_proxy)
+    tokens = RemoteTokens(remote)
+    app = make_app(remote, tokens=tokens, trust_proxy=options.trust_proxy)
     ctx = app.settings["ctx"]
+    wire_gateway(remote, tokens, ctx.hub)
     server = HTTPServer(app, xheaders=False, max_body_size=1 << 30)
     server.add_sockets(sockets if sockets is not None else bind_sockets(options.port, options.host, backlog=4096))
     port = server._sockets[next(iter(server._sockets))].getsockname()[1]  # noqa: SLF001 - the bound port

@@ -34,11 +34,11 @@ from balancesim.cluster._rpc import (
 from balancesim.cluster._service import caller_of, redis_clock_offset_s
 from balancesim.cluster._streams import Entry, NotSent, Producer, Tail, Unknown
 from balancesim.cluster._wire import Forged
-from balancesim.gateway._auth import Principal
+from balancesim.gateway._auth import Principal, digest_of
 from balancesim.money import format_amount
 from balancesim.views import result_of
 
-__all__ = ["RemoteEngine", "RemoteTokens"]
+__all__ = ["RemoteEngine", "RemoteTokens", "wire_gateway"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class RemoteEngine:
         self.clock_offset_s = 0.0
         self.gaps = 0
         self.timeouts = 0
+        # Set by the gateway that uses this engine (``wire_gateway``).
+        self.on_gap: Callable[[int], None] = lambda shard: None
+        self.on_revoked: Callable[[int, str], None] = lambda user_id, digest: None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -227,11 +230,17 @@ class RemoteEngine:
                 log.warning("dropped an event batch whose seal does not verify")
                 continue
             epoch, seq = self._last_seq.get(shard, (batch.epoch, batch.seq - 1))
-            if batch.epoch == epoch and batch.seq != seq + 1:
-                # A lost or repeated batch: sessions resume from the ledger with since.
+            expected = seq + 1 if batch.epoch == epoch else 1
+            if batch.seq != expected:
+                # A lost or repeated batch (Redis lost entries, or restarted): the sessions
+                # that may have missed something resume from the ledger with since.
                 self.gaps += 1
-                log.warning("shard %s: event batch %s after %s (epoch %s)", shard, batch.seq, seq, epoch)
+                log.warning("shard %s: event batch %s of epoch %s where %s was due", shard, batch.seq,
+                            batch.epoch, expected)
+                self.on_gap(shard)
             self._last_seq[shard] = (batch.epoch, batch.seq)
+            for revoked in batch.revoked:
+                self.on_revoked(revoked["user_id"], revoked["digest"])
             events = list(from_plain(batch.events))
             for event in events:
                 if type(event) is PriceTicked:
@@ -424,8 +433,38 @@ class RemoteTokens:
             del self._cache[token]
         await self.engine.call(self.engine._shard_of(user_id), "token_revoke_user", {"user_id": user_id})
 
+    def forget(self, digest: str) -> None:
+        """Drop a token another gateway revoked (known here by its digest only)."""
+        for token in [t for t in self._cache if digest_of(t) == digest]:
+            del self._cache[token]
+
     def close(self) -> None:
         self._cache.clear()
+
+
+def wire_gateway(remote: RemoteEngine, tokens: RemoteTokens, hub: Any) -> None:
+    """Connect a gateway's hub to what only a cluster has: revocations from other
+    gateways, and gaps in a shard's event batches.
+
+    A gap cannot be repaired message by message here (the hub has sent what it had),
+    so the sessions that may have missed something are closed with 1012 and resume
+    with ``since`` from the shard's ledger: the account's own sessions on that shard
+    and every admin session (they watch every account).
+    """
+
+    def revoked(user_id: int, digest: str) -> None:
+        tokens.forget(digest)
+        hub.close_sessions(user_id, digest)
+
+    def gap(shard: int) -> None:
+        doomed = [session for session in list(hub.audiences.everyone)
+                  if session.is_admin or shard_of_user_id(remote.placement, session.user_id) == shard]
+        for session in doomed:
+            hub.remove(session)
+            session.close(1012, "events were lost: reconnect with since")
+
+    remote.on_revoked = revoked
+    remote.on_gap = gap
 
 
 def _timeout(shard: int, key: str | None) -> errors.Timeout:

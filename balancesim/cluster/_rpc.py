@@ -13,7 +13,7 @@ with the same ``views.result_of`` as the embedded server.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from balancesim import errors
@@ -80,11 +80,14 @@ class Answer:
 @dataclass(frozen=True)
 class EventBatch:
     """A group commit's events, in commit order: ``seq`` counts a shard's batches from 1
-    within one ``epoch`` (a shard process's life), so a gap or a repeat is visible."""
+    within one ``epoch`` (a shard process's life), so a gap or a repeat is visible.
+    ``revoked`` lists tokens the shard revoked (``{user_id, digest}``: a logout), in the
+    same numbered order, so every gateway drops them from its cache at once."""
 
     epoch: str
     seq: int
     events: list[Any]
+    revoked: list[dict[str, Any]] = field(default_factory=list)
 
 
 _KINDS = {Call: "call", Answer: "answer", EventBatch: "events"}

@@ -33,7 +33,7 @@ from balancesim.cluster._rpc import (
 from balancesim.cluster._streams import Consumer, Entry, Producer
 from balancesim.cluster._wire import Forged
 from balancesim.engine import Engine, deadline
-from balancesim.gateway._auth import Principal, TokenStore
+from balancesim.gateway._auth import Principal, TokenStore, digest_of
 
 __all__ = ["ShardService", "SHARD_OPERATIONS", "CALLER_ARG", "caller_of", "redis_clock_offset_s"]
 
@@ -76,6 +76,8 @@ def _token_check(service: ShardService, token: str) -> dict[str, Any] | None:
 
 async def _token_revoke(service: ShardService, token: str) -> None:
     await service.tokens.revoke(token)
+    owner = token.partition(".")[0]
+    service.announce_revoked(int(owner) if owner.isdigit() else 0, digest_of(token))
 
 
 async def _token_revoke_user(service: ShardService, user_id: int) -> None:
@@ -190,9 +192,13 @@ class ShardService:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._publish, list(events))
 
-    def _publish(self, events: list[Any]) -> None:
+    def announce_revoked(self, user_id: int, digest: str) -> None:
+        """Tell every gateway that a token is dead (it may be cached anywhere)."""
+        self._publish([], revoked=[{"user_id": user_id, "digest": digest}])
+
+    def _publish(self, events: list[Any], revoked: list[dict[str, Any]] | None = None) -> None:
         self.seq += 1
-        batch = EventBatch(self.epoch, self.seq, to_plain(events))
+        batch = EventBatch(self.epoch, self.seq, to_plain(events), revoked or [])
         assert self._producer is not None
         sent = self._producer.add(events_stream(self.index), {FIELD: pack(self.secret, batch)})
         sent.add_done_callback(_log_lost)
