@@ -38,6 +38,7 @@ from balancesim.actors import (
     Deposit,
     Envelope,
     EventBus,
+    Feed,
     ForceOption,
     Ledger,
     MarketActor,
@@ -105,6 +106,10 @@ class Engine:
         start_prices: symbol → decimal string, the market's first prices.
         password_cost: scrypt's N for new passwords.
         batch_max: the most decisions in one group commit.
+        follow_feed: take prices from ``feed()`` (another process's price feed)
+            instead of walking them here: a cluster shard other than shard 0.
+        stale_feed_s: with ``follow_feed``, prices older than this (on the clock's
+            own scale) refuse new options and spot orders as ``503 unavailable``.
         shard: this engine is that shard of a cluster: the file is locked for it
             (``ShardFileInUse``) until ``stop``, its placement recorded or checked
             (``PlacementError``), ids name the shard, and a new account whose
@@ -126,6 +131,8 @@ class Engine:
         password_cost: int = DEFAULT_COST,
         batch_max: int = 1000,
         shard: ShardIds | None = None,
+        follow_feed: bool = False,
+        stale_feed_s: float = 5.0,
     ) -> None:
         self.shard = shard
         self.clock = clock or RealClock()
@@ -157,6 +164,8 @@ class Engine:
             self.ledger, self.clock, idle_s=idle_s, max_live=max_live, threads=threads
         )
         self.board = PriceBoard(prices)
+        self.follow_feed = follow_feed
+        self.stale_feed_s = stale_feed_s
         self._market: pykka.ActorRef[Any] | None = None
         # Accounts known to exist: a command for one goes straight to its actor.
         self._known_users: set[int] = set()
@@ -177,7 +186,7 @@ class Engine:
         """Start the market; every open trade is scheduled again (overdue ones settle at once)."""
         self._market = MarketActor.start(
             self.clock, self.bus, self.submit, self.board,
-            open_trades=tuple(self.ledger.trades(status="open")), seed=self.seed,
+            open_trades=tuple(self.ledger.trades(status="open")), seed=self.seed, follow=self.follow_feed,
         )
         # The market starts its ticker in on_start, on its own thread: wait for it, so
         # that a virtual clock advanced right after start() does tick.
@@ -218,6 +227,15 @@ class Engine:
     def subscribe(self, callback: Callable[[list[Any]], None]) -> Callable[[], None]:
         """Receive every committed event batch (and price ticks); returns unsubscribe."""
         return self.bus.subscribe(callback)
+
+    def feed(self, prices: Mapping[str, int], ts: float) -> None:
+        """A tick of the feed this engine follows (``follow_feed``)."""
+        if self._market is not None:
+            self._market.tell(Feed(dict(prices), ts))
+
+    def _fresh_prices(self) -> None:
+        if self.follow_feed and self.board.stale(self.clock.now(), self.clock.scaled(self.stale_feed_s)):
+            raise errors.Unavailable("the price feed is stale: no new options or spot orders until it ticks again")
 
     # -- users ---------------------------------------------------------------------
 
@@ -336,6 +354,7 @@ class Engine:
         params = {"symbol": symbol, "direction": direction, "amount": amount, "duration": duration}
 
         def build(units: int) -> Command:
+            self._fresh_prices()
             known = type(duration) is int and duration in self.payout_rates
             return OpenOption(
                 user_id, symbol, direction, units, duration,
@@ -363,6 +382,7 @@ class Engine:
         params = {"symbol": symbol, "side": side, "quantity": quantity}
 
         def build(units: int) -> Command:
+            self._fresh_prices()
             price = self.board.prices.get(symbol) if isinstance(symbol, str) else None
             return PlaceSpotOrder(user_id, symbol, side, units, price, initiated_by=user_id)
 

@@ -13,6 +13,7 @@ from tornado.testing import gen_test
 
 from balancesim.cluster import shard_of_user_id, shard_of_username
 from balancesim.gateway import make_app
+from balancesim.money import format_amount
 from balancesim.cluster._remote import wire_gateway
 from balancesim.cluster._rpc import FIELD, Call, commands_stream, pack, replies_stream
 from tests.cluster_harness import SECRET, LocalCluster
@@ -306,3 +307,52 @@ class TwoGateways(ClusterCase):
                 pass
             assert ws.close_code == 1012
         assert [m["type"] for m in await self.until_pong(bob_ws)] == []  # the other shard's owner: untouched
+
+
+class OneFeed(ClusterCase):
+    """One price feed per cluster, in shard 0; the other shard follows its ticks."""
+
+    def follower_user(self) -> str:
+        return next(f"f{n}" for n in range(200) if shard_of_username(self.cluster.placement, f"f{n}") == 1)
+
+    @gen_test(timeout=30)
+    async def test_a_trade_on_the_follower_settles_at_a_price_shard_0_published_at_or_after_its_expiry(self):
+        ticks, opened_events = [], []
+        self.remote.subscribe(lambda events: ticks.extend(e for e in events if type(e).__name__ == "PriceTicked"))
+        self.remote.subscribe(lambda events: opened_events.extend(
+            e for e in events if type(e).__name__ == "OptionOpened"))
+        name = self.follower_user()
+        user = await self.account(name, usdt="100")
+        status, opened = await self.call("POST", "/api/options", {"symbol": "BTCUSDT", "direction": "up",
+                                                                 "amount": "5", "duration": 30}, user["token"])
+        assert status == 201, opened
+        trade_id = opened["trade"]["trade_id"]
+        for _ in range(200):  # 30 s at --time-scale 0.01 is 0.3 s; bounded far above that
+            status, trades = await self.call("GET", "/api/options?status=settled", token=user["token"])
+            if trades["trades"]:
+                break
+            await asyncio.sleep(0.05)
+        settled = trades["trades"][0]
+        assert settled["trade_id"] == trade_id
+        expires = next(e.trade.expires_at for e in opened_events if e.trade.trade_id == trade_id)  # exact
+        published = [format_amount(t.prices["BTCUSDT"]) for t in ticks if t.ts >= expires]
+        assert settled["exit_price"] == published[0]
+        assert settled["entry_price"] in {format_amount(t.prices["BTCUSDT"]) for t in ticks} | {
+            format_amount(p) for p in [self.cluster.shards[1].engine.board.prices["BTCUSDT"]]}
+
+    @gen_test(timeout=30)
+    async def test_while_the_feed_is_stale_the_follower_refuses_new_options_and_spot_orders(self):
+        name = self.follower_user()
+        user = await self.account(name, usdt="100")
+        self.cluster.shards[0].loop.call_soon_threadsafe(time.sleep, 1.5)  # shard 0 publishes nothing
+        await asyncio.sleep(0.5)
+        status, body = await self.call("POST", "/api/options", {"symbol": "BTCUSDT", "direction": "up",
+                                                               "amount": "5", "duration": 30}, user["token"])
+        assert (status, body["error"]["code"]) == (503, "unavailable") and "stale" in body["error"]["message"]
+        status, body = await self.call("POST", "/api/spot/orders", {"symbol": "BTCUSDT", "side": "buy",
+                                                                   "quantity": "0.0001"}, user["token"])
+        assert (status, body["error"]["code"]) == (503, "unavailable")
+        await asyncio.sleep(1.5)
+        status, body = await self.call("POST", "/api/spot/orders", {"symbol": "BTCUSDT", "side": "buy",
+                                                                   "quantity": "0.0001"}, user["token"])
+        assert status == 201, body

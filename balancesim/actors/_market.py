@@ -21,6 +21,7 @@ exact and the same on every machine.
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from balancesim.actors._reply import Reply
 from balancesim.money import UNIT
 from balancesim.vocabulary import SYMBOLS
 
-__all__ = ["MarketActor", "PriceBoard", "START_PRICES", "sync"]
+__all__ = ["MarketActor", "PriceBoard", "Feed", "START_PRICES", "sync"]
 
 # The simulation's opening prices, one per symbol of the vocabulary.
 START_PRICES = dict(zip(SYMBOLS, (65_000 * UNIT, 3_500 * UNIT), strict=True))
@@ -51,6 +52,18 @@ class PriceBoard:
     def __init__(self, prices: Mapping[str, int]) -> None:
         self.prices: Mapping[str, int] = dict(prices)
         self.ts: float = 0.0
+
+    def stale(self, now: float, max_age_s: float) -> bool:
+        """Whether the last tick is older than ``max_age_s`` (a followed feed went quiet)."""
+        return now - self.ts > max_age_s
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A tick of a feed this market follows (in cluster mode, shard 0's), numbered."""
+
+    prices: Mapping[str, int]
+    ts: float
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,9 @@ class MarketActor(pykka.ThreadingActor):
         board: where the latest prices are shown to other threads.
         open_trades: trades open at start (from the ledger); overdue ones settle
             at once, at the first price, noted ``settled_after_restart``.
+        follow: take prices from ``Feed`` messages (another process's feed) instead
+            of walking them here; then a trade settles only once a tick at or after
+            its expiry has been seen, so every shard settles an expiry at one price.
         seed: the random walk's seed.
         tick_s: simulated seconds between ticks.
         step_bp: the largest move of one tick, in basis points.
@@ -95,6 +111,7 @@ class MarketActor(pykka.ThreadingActor):
         board: PriceBoard,
         *,
         open_trades: tuple[Trade, ...] = (),
+        follow: bool = False,
         seed: int = 0,
         tick_s: float = 1.0,
         step_bp: int = 10,
@@ -108,6 +125,11 @@ class MarketActor(pykka.ThreadingActor):
         self.tick_s = tick_s
         self.step_bp = step_bp
         self._ticker: Timer | None = None
+        self.follow = follow
+        self._held: list[_Expire] = []  # expiries waiting for a tick at or after them (follow)
+        # Recent followed ticks: an expiry settles at the first tick at or after it, however
+        # late its timer fires here, so every shard settles it at the same price.
+        self._recent: collections.deque[Feed] = collections.deque(maxlen=600)
         # Settlements submitted and not yet answered; each removes itself when it is.
         self._in_flight: set[Reply] = set()
         self._lock = threading.Lock()
@@ -118,6 +140,8 @@ class MarketActor(pykka.ThreadingActor):
         self._unsubscribe = bus.subscribe(self._on_committed)
 
     def on_start(self) -> None:
+        if self.follow:
+            return  # prices come as Feed messages; until the first, the board is stale
         self.board.ts = self.clock.now()
         self.bus.publish([PriceTicked(self.board.prices, self.board.ts)])
         self._ticker = self.clock.call_every(
@@ -151,18 +175,34 @@ class MarketActor(pykka.ThreadingActor):
             }
             self.board.prices, self.board.ts = prices, message.ts
             self.bus.publish([PriceTicked(prices, message.ts)])
+        elif isinstance(message, Feed):
+            self.board.prices, self.board.ts = dict(message.prices), message.ts
+            self._recent.append(message)
+            due = [held for held in self._held if held.at <= message.ts]
+            self._held = [held for held in self._held if held.at > message.ts]
+            for expire in due:
+                self._settle(expire)
         elif isinstance(message, _Expire):
-            trade = message.trade
-            reply = self.submit(SettleOption(
-                trade.user_id, trade.trade_id, self.board.prices[trade.symbol], message.at, message.note,
-            ))
-            with self._lock:
-                self._in_flight.add(reply)
-            reply.add_done_callback(self._answered)
+            if self.follow and self.board.ts < message.at:
+                self._held.append(message)  # no tick at or after the expiry seen yet
+            else:
+                self._settle(message)
         elif isinstance(message, _Sync):
             with self._lock:
                 return list(self._in_flight)
         return None
+
+    def _settle(self, message: _Expire) -> None:
+        trade = message.trade
+        prices = self.board.prices
+        if self.follow:
+            prices = next((tick.prices for tick in self._recent if tick.ts >= message.at), prices)
+        reply = self.submit(SettleOption(
+            trade.user_id, trade.trade_id, prices[trade.symbol], message.at, message.note,
+        ))
+        with self._lock:
+            self._in_flight.add(reply)
+        reply.add_done_callback(self._answered)
 
     def _answered(self, reply: Reply) -> None:
         with self._lock:

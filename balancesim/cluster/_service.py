@@ -26,16 +26,19 @@ from typing import Any, Callable, Sequence
 
 from balancesim import errors
 from balancesim.actors import Rejected, Reply, as_asyncio
-from balancesim.actors._codec import to_plain
+from balancesim.actors._codec import from_plain, to_plain
 from balancesim.cluster._rpc import (
     FIELD, Answer, Call, EventBatch, commands_stream, events_stream, pack, unpack,
 )
-from balancesim.cluster._streams import Consumer, Entry, Producer
+from balancesim.cluster._streams import Consumer, Entry, Producer, Tail
 from balancesim.cluster._wire import Forged
 from balancesim.engine import Engine, deadline
 from balancesim.gateway._auth import Principal, TokenStore, digest_of
 
-__all__ = ["ShardService", "SHARD_OPERATIONS", "CALLER_ARG", "caller_of", "redis_clock_offset_s"]
+__all__ = ["ShardService", "SHARD_OPERATIONS", "CALLER_ARG", "FEED_SHARD", "caller_of", "redis_clock_offset_s"]
+
+#: The shard whose market walks the prices; every other shard follows its ticks.
+FEED_SHARD = 0
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class ShardService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
+        self._feed: Tail | None = None
         self._unsubscribe: Callable[[], None] = lambda: None
 
     async def start(self) -> ShardService:
@@ -168,11 +172,27 @@ class ShardService:
         self._unsubscribe = self.engine.subscribe(self._committed)
         self._consumer = Consumer(self.redis_url, commands_stream(self.index), "shard",
                                   f"shard-{self.index}", self._handle).start()
+        if self.engine.follow_feed:
+            # One price feed per cluster, in shard 0: the others take its ticks.
+            self._feed = Tail(self.redis_url, events_stream(FEED_SHARD), self._ticks, start_id="$").start()
         return self
+
+    async def _ticks(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            try:
+                batch = unpack(self.secret, entry.fields[FIELD], EventBatch)
+            except (Forged, KeyError, TypeError, ValueError):
+                continue
+            for plain in batch.events:
+                if plain.get("$t") == "PriceTicked":
+                    tick = from_plain(plain)
+                    self.engine.feed(tick.prices, tick.ts)
 
     async def stop(self) -> None:
         """Stop reading calls; what was answered is answered. The engine is the caller's."""
         self._unsubscribe()
+        if self._feed is not None:
+            await self._feed.stop()
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:
