@@ -246,8 +246,8 @@ class Deadlines(ClusterCase):
 
 
 
-class TwoGateways(ClusterCase):
-    """What one gateway learns, the other knows: logouts, and lost events."""
+class _TwoGatewaysCase(ClusterCase):
+    """A second gateway on the same cluster, on a port of its own."""
 
     async def second_gateway(self) -> str:
         from tornado.httpserver import HTTPServer
@@ -276,6 +276,10 @@ class TwoGateways(ClusterCase):
         response = await AsyncHTTPClient().fetch(base + path, method=method, headers=headers, raise_error=False,
                                                  body=b"" if method == "POST" else None)
         return response.code
+
+
+class TwoGateways(_TwoGatewaysCase):
+    """What one gateway learns, the other knows: logouts, and lost events."""
 
     @gen_test(timeout=30)
     async def test_a_login_from_one_gateway_works_on_the_other_and_a_logout_is_refused_by_both(self):
@@ -356,3 +360,77 @@ class OneFeed(ClusterCase):
         status, body = await self.call("POST", "/api/spot/orders", {"symbol": "BTCUSDT", "side": "buy",
                                                                    "quantity": "0.0001"}, user["token"])
         assert status == 201, body
+
+    @gen_test(timeout=30)
+    async def test_due_trades_wait_while_shard_0_is_down_and_settle_at_its_first_tick_after(self):
+        # What happens to due trades while shard 0 is down: the follower holds each expiry
+        # until it sees a tick at or after it, then settles it at that tick's price.
+        ticks, opened_events = [], []
+        self.remote.subscribe(lambda events: ticks.extend(e for e in events if type(e).__name__ == "PriceTicked"))
+        self.remote.subscribe(lambda events: opened_events.extend(
+            e for e in events if type(e).__name__ == "OptionOpened"))
+        user = await self.account(self.follower_user(), usdt="100")
+        status, opened = await self.call("POST", "/api/options", {"symbol": "ETHUSDT", "direction": "down",
+                                                                 "amount": "5", "duration": 30}, user["token"])
+        assert status == 201
+        self.cluster.shards[0].loop.call_soon_threadsafe(time.sleep, 1.5)  # down, well past the 0.3 s expiry
+        await asyncio.sleep(1.0)
+        status, still = await self.call("GET", "/api/options?status=open", token=user["token"])
+        assert [t["trade_id"] for t in still["trades"]] == [opened["trade"]["trade_id"]]
+        for _ in range(200):
+            status, done = await self.call("GET", "/api/options?status=settled", token=user["token"])
+            if done["trades"]:
+                break
+            await asyncio.sleep(0.05)
+        settled = done["trades"][0]
+        expires = next(e.trade.expires_at for e in opened_events if e.trade.trade_id == settled["trade_id"])
+        assert settled["exit_price"] == next(format_amount(t.prices["ETHUSDT"]) for t in ticks if t.ts >= expires)
+
+
+class Seam(_TwoGatewaysCase):
+    """Sessions move to another gateway with since while deposits keep coming."""
+
+    @gen_test(timeout=60)
+    async def test_sessions_resume_on_another_gateway_without_gap_or_duplicate(self):
+        from balancesim.client import Client, configure_http
+
+        configure_http(32)
+        other = await self.second_gateway()
+        here = self.get_url("")
+        boss = await self.account("boss", "superadmin")
+        names = usernames_on_both_shards(self.cluster, 2)
+        users = [await self.account(name) for name in names]
+        clients = [Client(here, u["token"], u["user_id"], "user") for u in users]
+        sessions = [await c.session() for c in clients]
+        admin = Client(here, boss["token"], boss["user_id"], "superadmin")
+        stop = asyncio.Event()
+
+        async def deposits() -> int:
+            count = 0
+            while not stop.is_set():
+                await asyncio.gather(*(admin.deposit(u["user_id"], "1") for u in users))
+                count += 1
+            return count
+
+        pump = asyncio.ensure_future(deposits())
+        await asyncio.sleep(0.5)
+        moved = []
+        for client, session in zip(clients, sessions):
+            since = session.version
+            await session.close()
+            client.base_url = other
+            moved.append((session, await client.session(since=since)))
+        await asyncio.sleep(0.5)
+        stop.set()
+        rounds = await pump
+        for (before, after), user in zip(moved, users):
+            await after.barrier(timeout_s=10)
+            for _ in range(100):
+                if after.version == rounds:
+                    break
+                await after.barrier(timeout_s=10)
+            versions = [m["version"] for s in (before, after) for m in s.messages if m.get("type") == "balance_update"]
+            seen = sorted(set(versions))
+            assert seen == list(range(1, rounds + 1)), (user["username"], seen[:5], rounds)
+            assert before.problems == [] and after.problems == []
+            await after.close()
