@@ -39,6 +39,7 @@ from balancesim.actors import (
     Envelope,
     EventBus,
     Feed,
+    FeedStore,
     ForceOption,
     Ledger,
     MarketActor,
@@ -110,6 +111,8 @@ class Engine:
             instead of walking them here: a cluster shard other than shard 0.
         stale_feed_s: with ``follow_feed``, prices older than this (on the clock's
             own scale) refuse new options and spot orders as ``503 unavailable``.
+        persist_feed: keep the price feed's place in the ledger file, so that after a
+            restart the walk goes on (the cluster's one feed, in shard 0).
         shard: this engine is that shard of a cluster: the file is locked for it
             (``ShardFileInUse``) until ``stop``, its placement recorded or checked
             (``PlacementError``), ids name the shard, and a new account whose
@@ -133,6 +136,7 @@ class Engine:
         shard: ShardIds | None = None,
         follow_feed: bool = False,
         stale_feed_s: float = 5.0,
+        persist_feed: bool = False,
     ) -> None:
         self.shard = shard
         self.clock = clock or RealClock()
@@ -166,6 +170,7 @@ class Engine:
         self.board = PriceBoard(prices)
         self.follow_feed = follow_feed
         self.stale_feed_s = stale_feed_s
+        self.persist_feed = persist_feed
         self._market: pykka.ActorRef[Any] | None = None
         # Accounts known to exist: a command for one goes straight to its actor.
         self._known_users: set[int] = set()
@@ -187,6 +192,7 @@ class Engine:
         self._market = MarketActor.start(
             self.clock, self.bus, self.submit, self.board,
             open_trades=tuple(self.ledger.trades(status="open")), seed=self.seed, follow=self.follow_feed,
+            store=FeedStore(self.ledger.path) if self.persist_feed else None,
         )
         # The market starts its ticker in on_start, on its own thread: wait for it, so
         # that a virtual clock advanced right after start() does tick.

@@ -29,7 +29,8 @@ class ShardThread(threading.Thread):
     def __init__(self, data_dir: str, placement: Placement, index: int, redis_url: str) -> None:
         super().__init__(daemon=True, name=f"shard-{index}")
         self.engine = Engine(shard_file(data_dir, index), shard=ShardIds(placement, index),
-                             clock=RealClock(0.01), password_cost=2, follow_feed=index != 0).start()
+                             clock=RealClock(0.01), password_cost=2, follow_feed=index != 0,
+                             persist_feed=index == 0).start()
         self.tokens = TokenStore(self.engine.ledger.path)
         self.service = ShardService(self.engine, self.tokens, redis_url=redis_url, index=index, secret=SECRET)
         self.ready = threading.Event()

@@ -257,3 +257,17 @@ def test_price_ticks_are_published_on_the_clock(engine):
     engine.advance(5)
     assert len([e for e in ticks.events if type(e).__name__ == "PriceTicked"]) == 5
     assert set(engine.market()["prices"]) == {"BTCUSDT", "ETHUSDT"}
+
+
+def test_a_persisted_feed_goes_on_from_where_it_stopped_and_does_not_replay(make_engine, db_path):
+    first = make_engine(persist_feed=True, seed=7)
+    first.advance(20)
+    prices = dict(first.board.prices)
+    first.stop()
+    second = make_engine(persist_feed=True, seed=7)
+    assert second.board.prices == prices  # its first tick, at the restart's time, is where it stopped
+    second.advance(5)
+    fresh = make_engine(path=db_path + ".other", persist_feed=True, seed=7)
+    fresh.advance(25)
+    # Had it started over with the same seed, it would now stand where a fresh feed does.
+    assert second.board.prices != fresh.board.prices

@@ -10,7 +10,7 @@ from balancesim.actors._bus import EventBus
 from balancesim.actors._clock import Clock, RealClock, Timer, VirtualClock, iso
 from balancesim.actors._codec import SCHEMA_VERSION, decode, encode
 from balancesim.actors._ledger import Ledger, Submission, connect, create_schema, insert_user
-from balancesim.actors._market import START_PRICES, Feed, MarketActor, PriceBoard
+from balancesim.actors._market import START_PRICES, Feed, FeedStore, MarketActor, PriceBoard
 from balancesim.actors._market import sync as market_sync
 from balancesim.actors._messages import (
     ASSETS,
@@ -50,7 +50,7 @@ __all__ = [
     "ASSETS", "COMMAND_TYPES", "CONTROL_MODES", "EVENT_TYPES", "SCHEMA_VERSION", "SYMBOLS",
     "START_PRICES", "AccountActor", "AccountRegistry", "AccountState", "Adjust", "Clock",
     "Command", "Confirmed", "ControlModeSet", "CreateUser", "Deposit", "Envelope", "Event",
-    "EventBus", "Feed", "ForceOption", "Ledger", "MarketActor", "OpenOption", "OptionForced",
+    "EventBus", "Feed", "FeedStore", "ForceOption", "Ledger", "MarketActor", "OpenOption", "OptionForced",
     "OptionOpened", "OptionSettled", "PlaceSpotOrder", "Posted", "PriceBoard", "PriceTicked",
     "RealClock", "Rejected", "Reply", "SetControlMode", "SettleOption", "Submission", "Timer",
     "Trade", "UpdateUser", "UserCreated", "UserUpdated", "VirtualClock", "Withdraw", "apply", "apply_all", "as_asyncio",

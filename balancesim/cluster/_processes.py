@@ -99,7 +99,8 @@ async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lam
     engine = Engine(options.db, shard=ShardIds(options.placement, options.index),
                     clock=RealClock(options.time_scale),
                     seed=options.seed if options.seed is not None else int(time.time()) + options.index,
-                    password_cost=options.password_cost, follow_feed=options.index != 0).start()
+                    password_cost=options.password_cost, follow_feed=options.index != 0,
+                    persist_feed=options.index == 0).start()
     tokens = TokenStore(options.db)
     service = await ShardService(engine, tokens, redis_url=options.redis_url, index=options.index,
                                  secret=options.secret).start()
