@@ -115,6 +115,15 @@ class RemoteEngine:
             return False
         return self.health is None or self.health.ready()
 
+    def unready_reason(self) -> str:
+        """Why ``ready()`` is false, for ``/readyz``'s 503."""
+        if self._producer is None:
+            return "the gateway is not connected"
+        if self.health is not None and not self.health.redis_ok:
+            return "Redis does not answer"
+        down = self.health.down() if self.health is not None else []
+        return f"shard {down[0]} is down" if down else "ready"
+
     # -- calls -------------------------------------------------------------------------
 
     async def call(self, shard: int, op: str, args: dict[str, Any], *, key: str | None = None) -> Any:
