@@ -219,38 +219,278 @@ def ledger_audit(db_path: str | None, data_dir: str | None, shards: int | None, 
             click.echo(f"    mode → {change['mode']} by user {change['set_by']} at {change['ts']}")
 
 
+# The Redis URL carries Redis's password: ``serve`` hands it to its children in this
+# variable (``cluster._supervisor.REDIS_URL_ENV``), never on their command line.
+REDIS_URL_ENV = "BALANCESIM_REDIS_URL"
+
+
+def log_level_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--log-level``: what goes to stderr."""
+    return click.option(
+        "--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+        help="On stderr. info: one line per mutation, warning: per refusal, debug: per request too.",
+    )(func)
+
+
+def password_cost_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--password-cost``: scrypt N for new passwords."""
+    return click.option(
+        "--password-cost", type=click.IntRange(2, 2**20), default=2**14, show_default=True,
+        help="scrypt N for new passwords (a power of two); lower only for throwaway load users.",
+    )(func)
+
+
+def engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--time-scale`` and ``--seed``: what an engine (embedded or a shard) is started with."""
+    func = click.option("--seed", type=int, help="The market's seed (default: the current time).")(func)
+    return click.option(
+        "--time-scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        help="Multiplies every trade duration (0.01: 100× sooner).",
+    )(func)
+
+
+def trust_proxy_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--trust-proxy``: count the client address a proxy appends."""
+    return click.option(
+        "--trust-proxy", is_flag=True,
+        help="Behind a proxy you run: the login limiter counts the client address it appends "
+             "to X-Forwarded-For, not the proxy's.",
+    )(func)
+
+
+def check_password_cost(password_cost: int) -> None:
+    if password_cost & (password_cost - 1):
+        raise click.BadParameter("must be a power of two", param_hint="--password-cost")
+
+
+def workers_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A click callback: ``--workers N|auto`` (``auto``: one per core this process may use)."""
+    import os
+
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r} is not a positive number or 'auto'")
+    return int(value)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@db_option
-@click.option("--time-scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Multiplies every trade duration (0.01: 100× sooner).")
-@click.option("--seed", type=int, help="The market's seed (default: the current time).")
+@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+              help="The SQLite ledger file of the embedded server  [default: balancesim.db].")
+@engine_options
 @click.option("--demo", is_flag=True, help="On an empty database, create demo accounts and say so.")
-@click.option("--password-cost", type=click.IntRange(2, 2**20), default=2**14, show_default=True,
-              help="scrypt N for new passwords (a power of two); lower only for throwaway load users.")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
-              help="On stderr. info: one line per mutation, warning: per refusal, debug: per request too.")
-@click.option("--trust-proxy", is_flag=True,
-              help="Behind a proxy you run: the login limiter counts the client address it appends "
-                   "to X-Forwarded-For, not the proxy's.")
-def serve(host: str, port: int, db_path: str, time_scale: float, seed: int | None, demo: bool,
-          password_cost: int, log_level: str, trust_proxy: bool) -> None:
+@password_cost_option
+@log_level_option
+@trust_proxy_option
+@click.option("--workers", default="1", show_default=True, callback=workers_option,
+              help="Cluster mode: this many gateway processes sharing the port ('auto': one per core).")
+@click.option("--shards", type=click.IntRange(1), default=None,
+              help="Cluster mode: the number of shards (default: --workers for a new data directory, "
+                   "else what its files record).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Cluster mode: the shards' ledgers DIR/shard-K.db, the secret and Redis's socket  "
+                   "[default: balancesim-data].")
+@click.option("--redis", "redis_url", default=None,
+              help="Cluster mode: use this Redis (redis://user:pass@host:port) instead of starting one.")
+def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: int | None, demo: bool,
+          password_cost: int, log_level: str, trust_proxy: bool, workers: int, shards: int | None,
+          data_dir: str | None, redis_url: str | None) -> None:
     """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0.
 
     Exit 2, having changed nothing, when the port is busy or the ledger cannot be opened.
+    With --workers N (N > 1), --shards, --data-dir or --redis: cluster mode on this
+    machine (gateways, shards and, without --redis, a private redis-server as child
+    processes); a data directory in use by another serve is also exit 2.
     """
-    from balancesim.gateway import CannotStart, ServeOptions
-    from balancesim.gateway import serve as run
+    from balancesim.gateway import CannotStart
 
-    if password_cost & (password_cost - 1):
-        raise click.BadParameter("must be a power of two", param_hint="--password-cost")
+    check_password_cost(password_cost)
     configure_logging(log_level)
+    cluster_mode = workers != 1 or shards is not None or data_dir is not None or redis_url is not None
+    if not cluster_mode:
+        from balancesim.gateway import ServeOptions
+        from balancesim.gateway import serve as run
+
+        try:
+            run(ServeOptions(host, port, db_path or "balancesim.db", time_scale, seed, demo,
+                             password_cost=password_cost, trust_proxy=trust_proxy), echo=click.echo)
+        except CannotStart as error:
+            raise InputError(str(error)) from None
+        return
+    if db_path is not None:
+        raise InputError("--db is the embedded server's ledger file; in cluster mode the ledgers are "
+                         "--data-dir's shard files")
+    from balancesim.cluster._supervisor import SuperviseOptions, supervise
+
     try:
-        run(ServeOptions(host, port, db_path, time_scale, seed, demo, password_cost=password_cost,
-                         trust_proxy=trust_proxy), echo=click.echo)
+        supervise(SuperviseOptions(workers, shards, data_dir or "balancesim-data", redis_url, host, port,
+                                   time_scale, seed, demo, password_cost, log_level, trust_proxy), echo=click.echo)
     except CannotStart as error:
         raise InputError(str(error)) from None
+
+
+@cli.command()
+@click.option("--redis", "redis_url", required=True, envvar=REDIS_URL_ENV,
+              help=f"The cluster's Redis, redis://user:pass@host:port (or ${REDIS_URL_ENV}).")
+@click.option("--index", type=click.IntRange(0), required=True, help="This shard's index K (0 … S-1).")
+@click.option("--shards", type=click.IntRange(1), required=True, help="The cluster's number of shards S.")
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="This shard's ledger file (DIR/shard-K.db in a data directory).")
+@engine_options
+@password_cost_option
+@log_level_option
+def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: float, seed: int | None,
+          password_cost: int, log_level: str) -> None:
+    """Run one shard of a cluster until SIGINT/SIGTERM (for a deployment across machines).
+
+    The secret comes from $BALANCESIM_CLUSTER_SECRET. The file records its placement
+    and index when new, and must agree with --shards and --index after that. Prints
+    "shard K of S on FILE" once it serves.
+    """
+    import asyncio
+
+    from balancesim.cluster import Placement, PlacementError, SecretError, ShardFileInUse, load_secret
+    from balancesim.cluster._processes import ShardOptions, run_shard
+    from balancesim.cluster._watchdog import watch_parent
+
+    check_password_cost(password_cost)
+    configure_logging(log_level)
+    watch_parent()
+    if index >= shards:
+        raise InputError(f"--index {index} is not a shard of {shards} (0 … {shards - 1})")
+    try:
+        secret = load_secret(None)
+    except SecretError as error:
+        raise InputError(str(error)) from None
+
+    def ready() -> None:
+        click.echo(f"shard {index} of {shards} on {db_path}")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run_shard(ShardOptions(redis_url, index, Placement.for_new(shards), db_path, secret,
+                                           time_scale, seed, password_cost), on_ready=ready))
+    except (PlacementError, ShardFileInUse) as error:
+        raise InputError(str(error)) from None
+
+
+@cli.command()
+@click.option("--redis", "redis_url", required=True, envvar=REDIS_URL_ENV,
+              help=f"The cluster's Redis, redis://user:pass@host:port (or ${REDIS_URL_ENV}).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@log_level_option
+@trust_proxy_option
+def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool) -> None:
+    """Run one gateway of a cluster until SIGINT/SIGTERM (for a deployment across machines).
+
+    The secret comes from $BALANCESIM_CLUSTER_SECRET. Prints "listening on
+    http://HOST:PORT" once /healthz answers; a busy port is exit 2.
+    """
+    import asyncio
+    import os
+    import socket
+
+    from balancesim.cluster import SecretError, load_secret
+    from balancesim.cluster._processes import GatewayOptions, run_gateway
+    from balancesim.cluster._watchdog import LISTEN_FDS_ENV, watch_parent
+    from balancesim.gateway import CannotStart
+    from balancesim.gateway._server import listen
+
+    configure_logging(log_level)
+    watch_parent()
+    try:
+        secret = load_secret(None)
+    except SecretError as error:
+        raise InputError(str(error)) from None
+    inherited = os.environ.pop(LISTEN_FDS_ENV, None)
+    if inherited:  # serve bound the port and passed it down
+        sockets = [socket.socket(fileno=int(fd)) for fd in inherited.split(",")]
+        for sock in sockets:
+            sock.setblocking(False)
+    else:
+        try:
+            sockets = listen(host, port)
+        except CannotStart as error:
+            raise InputError(str(error)) from None
+
+    def ready(url: str) -> None:
+        click.echo(f"listening on {url}")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run_gateway(GatewayOptions(redis_url, secret, host, port, trust_proxy=trust_proxy), sockets,
+                                on_ready=ready))
+    except TimeoutError as error:  # no shard ever published the placement
+        raise InputError(str(error)) from None
+
+
+@cli.group()
+def cluster() -> None:
+    """Look at a running cluster."""
+
+
+@cluster.command("status")
+@click.option("--redis", "redis_url", default=None, envvar=REDIS_URL_ENV,
+              help="The cluster's Redis, redis://user:pass@host:port.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="The data directory of a cluster started by serve (its Redis URL is there).")
+@json_option
+def cluster_status(redis_url: str | None, data_dir: str | None, as_json: bool) -> None:
+    """The live shards and gateways, with their heartbeats; exit 1 when a shard is missing or silent."""
+    import asyncio
+
+    import redis
+
+    from balancesim.cluster import PlacementError, placement_of_data_dir
+    from balancesim.cluster._processes import cluster_status as status_of
+    from balancesim.cluster._processes import status_problems
+    from balancesim.cluster._supervisor import REDIS_URL_FILE, read_redis_url
+
+    if (redis_url is None) == (data_dir is None):
+        raise InputError("give --redis URL or --data-dir DIR (one of them)")
+    expected = None
+    if data_dir is not None:
+        try:
+            redis_url = read_redis_url(data_dir)
+        except FileNotFoundError:
+            raise InputError(f"{data_dir} has no {REDIS_URL_FILE}: no serve is running on it") from None
+        except OSError as error:
+            raise InputError(f"cannot read {data_dir}/{REDIS_URL_FILE}: {error.strerror}") from None
+        try:
+            expected = placement_of_data_dir(data_dir, None).shards
+        except PlacementError:
+            expected = None  # the shards' published placement says it
+    assert redis_url is not None
+    try:
+        status = asyncio.run(status_of(redis_url))
+    except (OSError, redis.exceptions.RedisError) as error:  # never the URL: it carries the password
+        raise InputError(f"cannot reach the cluster's Redis: {error}") from None
+    problems = status_problems(status, expected)
+    if as_json:
+        click.echo(json.dumps({"shards": status["shards"], "gateways": status["gateways"]}, indent=2))
+    else:
+        click.echo(status_table(status, expected))
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    sys.exit(1 if problems else 0)
+
+
+def status_table(status: dict[str, Any], expected: int | None) -> str:
+    """``cluster status``'s human form: a table of shards, then one of gateways."""
+    shards, gateways = status["shards"], status["gateways"]
+    expected = expected if expected is not None else status.get("expected_shards")
+    lines = [f"shards: {len(shards)} of {expected if expected is not None else '?'}",
+             f"  {'index':<6} {'host':<20} {'pid':>8} {'heartbeat':>10} {'commits/s':>10}"]
+    lines += [f"  {s['index']:<6} {s['host'][:20]:<20} {s['pid']:>8} {s['heartbeat_age_s']:>8.1f} s "
+              f"{s['commits_per_s']:>10}" for s in shards]
+    lines += [f"gateways: {len(gateways)}",
+              f"  {'address':<28} {'host':<20} {'pid':>8} {'sessions':>9} {'heartbeat':>10}"]
+    lines += [f"  {g['address']:<28} {g['host'][:20]:<20} {g['pid']:>8} {g['sessions']:>9} "
+              f"{g['heartbeat_age_s']:>8.1f} s" for g in gateways]
+    return "\n".join(lines)
 
 
 @cli.command()

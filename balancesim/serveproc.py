@@ -15,11 +15,16 @@ class ServerProcess:
     ``start()`` returns once the server printed its ``listening on`` line, so it
     answers ``/healthz``; ``port`` and ``url`` are then known. The server's log
     (its stderr) goes to ``log_path``, by default the ledger's path plus ``.log``.
+    In cluster mode (``args`` with ``--workers``), give ``data_dir`` instead of a
+    ``db`` (``None``): the server runs on ``--data-dir data_dir``, logging to
+    ``data_dir`` plus ``.log``.
     """
 
-    def __init__(self, db: str, *args: str, log_path: str | None = None) -> None:
-        self.db, self.args = db, args
-        self.log_path = log_path or f"{db}.log"
+    def __init__(self, db: str | None, *args: str, log_path: str | None = None, data_dir: str | None = None) -> None:
+        if (db is None) == (data_dir is None):
+            raise ValueError("give a ledger file (db) or a cluster's data directory (data_dir)")
+        self.db, self.args, self.data_dir = db, args, data_dir
+        self.log_path = log_path or f"{db if db is not None else data_dir}.log"
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.url = ""
@@ -29,7 +34,7 @@ class ServerProcess:
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "balancesim.cli", "serve", "--port", str(self.port if port is None else port),
-                 "--db", self.db, *self.args],
+                 *(("--db", self.db) if self.db is not None else ("--data-dir", self.data_dir)), *self.args],
                 # Its own session: a Ctrl-C at the terminal reaches only the parent, which
                 # stops the server itself once it has finished reporting on it.
                 stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
@@ -51,6 +56,12 @@ class ServerProcess:
                 return log.read()
         except FileNotFoundError:
             return ""
+
+    @property
+    def pid(self) -> int:
+        """The ``serve`` process's id."""
+        assert self.process is not None
+        return self.process.pid
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -7,7 +7,10 @@ reply with an HMAC under the cluster's secret, and opens only what verifies;
 ``_streams`` is the Streams fabric over it (coalescing producer, consumer group,
 tail), which never hides a failure. ``_shard`` numbers a shard's accounts and
 entries by the placement (``ShardIds``, given to the ``Engine``) and locks its file;
-``_data_dir`` runs ``users create`` and the ``ledger`` reports over a data directory. The shard and gateway processes come next.
+``_data_dir`` runs ``users create`` and the ``ledger`` reports over a data directory.
+``_health`` caches which shards beat (for ``/readyz``), ``_watchdog`` makes a child die
+with its parent, and ``_supervisor`` is ``serve --workers``: Redis, shards and gateways
+under one parent.
 """
 
 from balancesim.cluster._backoff import Backoff
@@ -46,6 +49,9 @@ from balancesim.cluster._data_dir import (
     verify_data_dir,
 )
 from balancesim.cluster._shard import ShardFileInUse, ShardIds, ShardLock, lock_shard_file
+from balancesim.cluster._health import STALE_AFTER_S, ShardHealth
+from balancesim.cluster._supervisor import REDIS_URL_FILE, SuperviseOptions, read_redis_url, supervise
+from balancesim.cluster._watchdog import watch_parent
 from balancesim.cluster._wire import (
     MIN_SECRET_CHARS,
     SECRET_ENV,
@@ -69,4 +75,6 @@ __all__ = [
     "ShardFileInUse", "ShardIds", "ShardLock", "lock_shard_file",
     "DataDir", "ShardVerified", "audit_data_dir", "create_user_in_data_dir", "history_in_data_dir",
     "make_data_dir", "open_data_dir", "verify_data_dir",
+    "STALE_AFTER_S", "ShardHealth", "REDIS_URL_FILE", "SuperviseOptions", "read_redis_url", "supervise",
+    "watch_parent",
 ]

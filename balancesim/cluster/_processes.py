@@ -23,6 +23,7 @@ from typing import Any, Callable
 import redis.asyncio
 
 from balancesim.actors import RealClock
+from balancesim.cluster._health import STALE_AFTER_S, ShardHealth, shard_heartbeat_key
 from balancesim.cluster._placement import Placement
 from balancesim.cluster._remote import RemoteEngine, RemoteTokens, wire_gateway
 from balancesim.cluster._service import ShardService
@@ -31,7 +32,7 @@ from balancesim.engine import Engine
 from balancesim.gateway import TokenStore, make_app, tune_gc
 
 __all__ = ["ShardOptions", "GatewayOptions", "run_shard", "run_gateway", "PLACEMENT_KEY", "HEARTBEAT_S",
-           "read_placement", "cluster_status"]
+           "read_placement", "cluster_status", "status_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lam
                                                "partitions": options.placement.partitions,
                                                "table": list(options.placement.table)}))
 
-    beat = asyncio.ensure_future(_heartbeat(client, f"bs:shard:{options.index}", describe, publish_placement))
+    beat = asyncio.ensure_future(_heartbeat(client, shard_heartbeat_key(options.index), describe, publish_placement))
     stopping = _stop_on_signals(asyncio.get_running_loop())
     on_ready()
     try:
@@ -154,12 +155,14 @@ async def read_placement(redis_url: str, *, timeout_s: float = 30.0) -> Placemen
 async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | None = None, *,
                       on_ready: Callable[[str], None] = lambda url: None) -> None:
     """Serve HTTP and WebSocket over the cluster until SIGINT/SIGTERM, then drain."""
+    from tornado.httpclient import AsyncHTTPClient
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
     tune_gc()
     placement = await read_placement(options.redis_url)
     remote = await RemoteEngine(options.redis_url, placement, options.secret, timeout_s=options.timeout_s).start()
+    remote.health = await ShardHealth(options.redis_url, placement.shards).start()
     tokens = RemoteTokens(remote)
     app = make_app(remote, tokens=tokens, trust_proxy=options.trust_proxy)
     ctx = app.settings["ctx"]
@@ -176,6 +179,9 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
 
     beat = asyncio.ensure_future(_heartbeat(client, f"bs:gateway:{remote.gateway_id}", describe))
     stopping = _stop_on_signals(asyncio.get_running_loop())
+    # As the embedded serve: say "listening" only once /healthz answers through the
+    # socket (with a shared socket, possibly another gateway's answer: the port works).
+    await AsyncHTTPClient().fetch(f"{url}/healthz", request_timeout=30)
     on_ready(url)
     try:
         await stopping.wait()
@@ -188,6 +194,7 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
             await asyncio.sleep(0.01)
         await server.close_all_connections()
         app.close()
+        await remote.health.aclose()
         await remote.aclose()
         await client.aclose()
 
@@ -198,7 +205,7 @@ async def cluster_status(redis_url: str) -> dict[str, Any]:
     try:
         now = time.time()
         shards, gateways = [], []
-        async for key in client.scan_iter(match="bs:shard:*"):
+        async for key in client.scan_iter(match=shard_heartbeat_key(0)[:-1] + "*"):
             raw = await client.get(key)
             if raw is not None:
                 beat = json.loads(raw)
@@ -216,3 +223,21 @@ async def cluster_status(redis_url: str) -> dict[str, Any]:
                 "expected_shards": expected}
     finally:
         await client.aclose()
+
+
+def status_problems(status: dict[str, Any], expected_shards: int | None = None) -> list[str]:
+    """What is wrong in ``cluster_status``'s answer: each shard that is missing (of
+    ``expected_shards``, else of the placement the shards published) or whose heartbeat
+    is older than ``STALE_AFTER_S``. Empty when every shard is alive."""
+    expected = expected_shards if expected_shards is not None else status.get("expected_shards")
+    if expected is None:
+        return ["no shard has published the placement: no shard is running"] if not status["shards"] else []
+    seen = {shard["index"]: shard for shard in status["shards"]}
+    problems = []
+    for index in range(expected):
+        shard = seen.get(index)
+        if shard is None:
+            problems.append(f"shard {index} is missing")
+        elif shard["heartbeat_age_s"] > STALE_AFTER_S:
+            problems.append(f"shard {index}'s last heartbeat is {shard['heartbeat_age_s']:g} s old")
+    return problems

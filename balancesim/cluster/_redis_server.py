@@ -56,8 +56,11 @@ class RedisServer:
         binary: str = "redis-server",
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
+        die_with_parent: bool = False,
     ) -> None:
-        """``host``/``port``: also listen on TCP (``port`` 0, the default, means no TCP)."""
+        """``host``/``port``: also listen on TCP (``port`` 0, the default, means no TCP).
+        ``die_with_parent``: the kernel kills the server when the thread that starts it
+        ends (``PR_SET_PDEATHSIG``), for a supervisor that starts it from its main thread."""
         if (host is None) != (port == 0):
             raise ValueError("TCP needs both host and a non-zero port")
         self.data_dir = Path(data_dir).resolve()
@@ -75,6 +78,7 @@ class RedisServer:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self.die_with_parent = die_with_parent
 
     def __repr__(self) -> str:
         # Never the password: a repr ends up in logs and tracebacks.
@@ -159,6 +163,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=self._preexec() if self.die_with_parent else None,
         )
         try:
             self._wait_ready()
@@ -166,6 +171,13 @@ class RedisServer:
             self.kill()
             raise
         return self
+
+    @staticmethod
+    def _preexec():  # type: ignore[no-untyped-def]
+        from balancesim.cluster._watchdog import die_with_parent_preexec
+
+        parent = os.getpid()
+        return lambda: die_with_parent_preexec(parent)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s

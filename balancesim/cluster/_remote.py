@@ -27,6 +27,7 @@ from typing import Any, Callable
 from balancesim import errors
 from balancesim.actors import START_PRICES, PriceTicked, Reply, iso
 from balancesim.actors._codec import from_plain
+from balancesim.cluster._health import ShardHealth
 from balancesim.cluster._placement import Placement, shard_of_user_id, shard_of_username
 from balancesim.cluster._rpc import (
     FIELD, Answer, Call, EventBatch, commands_stream, events_stream, pack, replies_stream, unpack,
@@ -90,6 +91,9 @@ class RemoteEngine:
         # Set by the gateway that uses this engine (``wire_gateway``).
         self.on_gap: Callable[[int], None] = lambda shard: None
         self.on_revoked: Callable[[int, str], None] = lambda user_id, digest: None
+        # Set by whoever runs the gateway (``run_gateway``): the shards' heartbeats,
+        # for ``/readyz`` and to refuse a gather at once when a shard is known down.
+        self.health: ShardHealth | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -118,8 +122,20 @@ class RemoteEngine:
         """Nothing to stop in this process: the shards own the engines."""
 
     def ready(self) -> bool:
-        """Whether calls can be sent (the readiness of the shards is asked per call)."""
-        return self._producer is not None
+        """Whether calls can be sent and, when ``health`` is set, Redis answers and every
+        shard beats (from its cache: never blocks the loop)."""
+        if self._producer is None:
+            return False
+        return self.health is None or self.health.ready()
+
+    def unready_reason(self) -> str:
+        """Why ``ready()`` is false, for ``/readyz``'s 503."""
+        if self._producer is None:
+            return "the gateway is not connected"
+        if self.health is not None and not self.health.redis_ok:
+            return "Redis does not answer"
+        down = self.health.down() if self.health is not None else []
+        return f"shard {down[0]} is down" if down else "ready"
 
     # -- calls -------------------------------------------------------------------------
 
@@ -368,6 +384,10 @@ class RemoteEngine:
     def _gather(self, op: str, args: dict[str, Any]) -> list[Any]:
         """Every shard's answer, or ``503 unavailable`` when one is missing."""
         assert self.loop is not None
+        down = self.health.down() if self.health is not None else []
+        if down:
+            # Known down: nothing is sent, rather than waiting out a timeout per request.
+            raise errors.Unavailable(f"not every shard answered: shard {down[0]} is down")
 
         async def everyone() -> list[Any]:
             return await asyncio.gather(*(self.call(shard, op, args) for shard in range(self.placement.shards)))

@@ -406,8 +406,11 @@ class ReadyHandler(ApiHandler):
 
     @api
     async def get(self) -> Result:
-        if not self.ctx.engine.ready():
-            raise errors.Unavailable("the engine is not running")
+        engine = self.ctx.engine
+        if not engine.ready():
+            # A cluster's engine says which shard is down; the embedded one has one reason.
+            why = engine.unready_reason() if hasattr(engine, "unready_reason") else "the engine is not running"
+            raise errors.Unavailable(why)
         return 200, {"status": "ready"}
 
 

@@ -1,0 +1,252 @@
+"""``serve --workers 2 --shards 2``: a cluster of real processes (Redis, shards, gateways)
+under one ``serve`` parent, and the ``shard``, ``gateway`` and ``cluster status`` roles.
+
+Waits are bounded far above normal (a start takes a few seconds on 2 cores) and never
+asserted as speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+import pytest
+from click.testing import CliRunner
+
+from balancesim.cli import REDIS_URL_ENV, cli
+from balancesim.client import Client
+from balancesim.cluster import SECRET_ENV, Placement, shard_of_user_id
+from balancesim.cluster._supervisor import REDIS_URL_ENV as SUPERVISOR_REDIS_URL_ENV
+from balancesim.cluster._supervisor import read_redis_url
+from balancesim.serveproc import ServerProcess
+
+CLUSTER_ARGS = ("--workers", "2", "--shards", "2", "--demo", "--time-scale", "0.01", "--password-cost", "1024")
+WAIT_S = 20.0
+
+
+def balancesim(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "balancesim.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout_s)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc: no psutil here)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    parents[int(name)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.1)
+
+
+def http(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def status_code(data_dir: str) -> tuple[int, dict]:
+    """``cluster status --data-dir --json`` in this process (fast enough to catch a short outage)."""
+    result = CliRunner().invoke(cli, ["cluster", "status", "--data-dir", data_dir, "--json"])
+    return result.exit_code, json.loads(result.stdout) if result.exit_code in (0, 1) else {}
+
+
+def shard_pids(data_dir: str) -> dict[int, int]:
+    return {shard["index"]: shard["pid"] for shard in status_code(data_dir)[1].get("shards", [])}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    servers: list[ServerProcess] = []
+
+    def start(*args: str, data_dir: str | None = None) -> ServerProcess:
+        server = ServerProcess(None, *CLUSTER_ARGS, *args, data_dir=data_dir or str(tmp_path / "data")).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.running():
+            server.stop()
+
+
+def test_the_redis_url_travels_in_one_variable():
+    assert REDIS_URL_ENV == SUPERVISOR_REDIS_URL_ENV
+
+
+async def _protocol(url: str) -> tuple[str, int]:
+    boss = await Client.login(url, "superadmin", "superadmin123")
+    alice = await Client.login(url, "alice", "alice123")
+    session = await alice.session()
+    await boss.deposit(alice.user_id, "25", description="gift")
+    update = await session.wait_for("balance_update", lambda m: m["description"] == "gift", timeout_s=WAIT_S)
+    assert update["balance"] == "10025" and update["change"] == "25"
+    assert {u["username"] for u in await boss.users()} >= {"superadmin", "admin", "alice", "bob"}
+    assert session.problems == []
+    await session.close()
+    return alice.token, alice.user_id
+
+
+@pytest.mark.slow
+def test_serve_workers_runs_the_protocol_survives_a_shard_and_drains_on_sigterm(cluster, tmp_path):
+    data_dir = str(tmp_path / "data")
+    server = cluster(data_dir=data_dir)
+    assert any(line.startswith("demo: created") for line in server.output)
+    assert http(f"{server.url}/readyz") == 200
+    token, _ = asyncio.run(_protocol(server.url))
+    # Either gateway may take a connection on the shared socket: every one accepts the token.
+    assert all(http(f"{server.url}/api/balance", token) == 200 for _ in range(20))
+
+    listed = balancesim("cluster", "status", "--data-dir", data_dir, "--json")
+    assert listed.returncode == 0, listed.stderr
+    status = json.loads(listed.stdout)
+    assert [s["index"] for s in status["shards"]] == [0, 1] and len(status["gateways"]) == 2
+    assert set(status) == {"shards", "gateways"}
+    assert set(status["shards"][0]) == {"index", "host", "pid", "heartbeat_age_s", "commits_per_s"}
+    assert set(status["gateways"][0]) == {"host", "pid", "address", "sessions", "heartbeat_age_s"}
+    assert balancesim("cluster", "status", "--data-dir", data_dir).stdout.startswith("shards: 2 of 2")
+
+    # A gateway of its own (as on another machine), on the same Redis: the login works there too.
+    env = {**os.environ, REDIS_URL_ENV: read_redis_url(data_dir)}
+    with open(os.path.join(data_dir, "cluster.secret")) as secret:
+        env[SECRET_ENV] = secret.read().strip()
+    extra = subprocess.Popen([sys.executable, "-m", "balancesim.cli", "gateway", "--port", "0"], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        line = extra.stdout.readline()
+        assert line.startswith("listening on "), line
+        assert http(f"{line.split()[-1]}/api/balance", token) == 200
+    finally:
+        extra.send_signal(signal.SIGTERM)
+        assert extra.wait(timeout=WAIT_S) == 0
+        extra.stdout.close()
+
+    second = balancesim("serve", "--workers", "2", "--port", "0", "--data-dir", data_dir)
+    assert second.returncode == 2 and "in use by another serve" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+
+    # A stuck shard: not ready, and a list that needs every shard is 503, never partial.
+    # (The stopped shard is not the superadmin's, whose token that shard checks.)
+    boss = asyncio.run(Client.login(server.url, "superadmin", "superadmin123"))
+    stuck = shard_pids(data_dir)[1 - shard_of_user_id(Placement.for_new(2), boss.user_id)]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        eventually(lambda: http(f"{server.url}/readyz") == 503, "/readyz says 503 with a shard stopped")
+        assert http(f"{server.url}/api/users", boss.token) == 503
+        assert status_code(data_dir)[0] == 1
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    eventually(lambda: http(f"{server.url}/readyz") == 200, "/readyz is 200 again after SIGCONT")
+
+    # A dead shard: status says so (exit 1) until the supervisor has restarted it.
+    dead = shard_pids(data_dir)[0]
+    os.kill(dead, signal.SIGKILL)
+    eventually(lambda: status_code(data_dir)[0] == 1, "cluster status exits 1 with shard 0 killed")
+    eventually(lambda: status_code(data_dir)[0] == 0 and shard_pids(data_dir).get(0) not in (None, dead),
+               "shard 0 restarted", timeout_s=60)
+    assert "shard 0 (pid" in server.log() and "restarting it" in server.log()
+    eventually(lambda: http(f"{server.url}/readyz") == 200, "/readyz is 200 after the restart")
+    assert http(f"{server.url}/api/balance", token) == 200  # tokens live in the shard's file
+
+    children = descendants(server.pid)
+    assert len(children) >= 5  # 2 shards, 2 gateways, redis-server
+    assert server.stop() == 0
+    assert [pid for pid in children if alive(pid)] == []
+    assert not os.path.exists(os.path.join(data_dir, "redis.url"))
+    verified = balancesim("ledger", "verify", "--data-dir", data_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert len(verified.stdout.strip().splitlines()) >= 2
+
+
+@pytest.mark.slow
+def test_sigkill_of_serve_takes_every_child_and_a_new_serve_simply_works(cluster, tmp_path):
+    data_dir = str(tmp_path / "data")
+    server = cluster(data_dir=data_dir)
+    token, _ = asyncio.run(_protocol(server.url))
+    children = descendants(server.pid)
+    assert len(children) >= 5
+    server.kill()
+    eventually(lambda: not any(alive(pid) for pid in children), "every child gone after SIGKILL of serve",
+               timeout_s=10)
+    server.start()  # the same port and data directory
+    assert http(f"{server.url}/readyz") == 200
+    assert http(f"{server.url}/api/balance", token) == 200  # the login survived the whole cluster's death
+    assert asyncio.run(Client.login(server.url, "alice", "alice123")).user_id is not None
+
+
+def test_a_busy_port_is_exit_2_with_nothing_started(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = balancesim("serve", "--workers", "2", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: cannot listen on") and len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "d")
+
+
+def test_no_redis_server_on_path_is_exit_2(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path / "empty")}
+    result = balancesim("serve", "--workers", "2", "--port", "0", "--data-dir", str(tmp_path / "d"), env=env)
+    assert result.returncode == 2
+    assert "redis-server is not on PATH" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "d" / "redis.url")
+
+
+def test_shards_that_disagree_with_the_data_directory_are_exit_2(tmp_path):
+    data_dir = str(tmp_path / "d")
+    made = balancesim("users", "create", "--data-dir", data_dir, "--shards", "2", "--username", "u",
+                      "--password", "pw-pw-pw")
+    assert made.returncode == 0, made.stderr
+    result = balancesim("serve", "--workers", "2", "--shards", "3", "--port", "0", "--data-dir", data_dir)
+    assert result.returncode == 2 and "--shards 3 disagrees" in result.stderr
+
+
+def test_the_roles_refuse_what_they_cannot_run_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    no_secret = balancesim("gateway", "--redis", "unix:///nowhere", "--port", "0", env=env)
+    assert no_secret.returncode == 2 and SECRET_ENV in no_secret.stderr
+    env[SECRET_ENV] = "x" * 40
+    bad_index = balancesim("shard", "--redis", "unix:///nowhere", "--index", "2", "--shards", "2",
+                           "--db", str(tmp_path / "s.db"), env=env)
+    assert bad_index.returncode == 2 and "--index 2" in bad_index.stderr
+    neither = balancesim("cluster", "status")
+    assert neither.returncode == 2
+    no_serve = balancesim("cluster", "status", "--data-dir", str(tmp_path))
+    assert no_serve.returncode == 2 and "no serve is running" in no_serve.stderr
