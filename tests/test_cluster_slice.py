@@ -434,3 +434,14 @@ class Seam(_TwoGatewaysCase):
             assert seen == list(range(1, rounds + 1)), (user["username"], seen[:5], rounds)
             assert before.problems == [] and after.problems == []
             await after.close()
+
+
+class ClusterMetrics(ClusterCase):
+    @gen_test(timeout=30)
+    async def test_metrics_show_calls_in_flight_timeouts_gaps_and_redis_reconnects(self):
+        from tornado.httpclient import AsyncHTTPClient
+
+        body = (await AsyncHTTPClient().fetch(self.get_url("/metrics"))).body.decode()
+        for name in ("balancesim_cluster_calls_in_flight", "balancesim_cluster_timeouts",
+                     "balancesim_cluster_event_gaps", "balancesim_cluster_redis_reconnects"):
+            assert f"\n{name} " in body, name

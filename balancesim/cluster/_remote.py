@@ -121,6 +121,16 @@ class RemoteEngine:
     def stop(self) -> None:
         """Nothing to stop in this process: the shards own the engines."""
 
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls sent to any shard and not yet answered."""
+        return sum(self._in_flight)
+
+    @property
+    def redis_reconnects(self) -> int:
+        """How often this gateway's Redis readers reconnected (or found a stream Redis lost)."""
+        return sum(tail.reconnects + tail.resets for tail in self._tails)
+
     def ready(self) -> bool:
         """Whether calls can be sent and, when ``health`` is set, Redis answers and every
         shard beats (from its cache: never blocks the loop)."""

@@ -90,6 +90,7 @@ def make_app(
         releases what it started.
     """
     metrics = Metrics()
+    metrics.watch(engine)
     executor = ThreadPoolExecutor(executor_threads, thread_name_prefix="gateway")
     if tokens is None:
         tokens = TokenStore(engine.ledger.path, ttl_s=token_ttl_s, executor=executor)

@@ -31,6 +31,20 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
 
+    def watch(self, engine: object) -> None:
+        """In cluster mode, what the gateway's remote engine counts: calls in flight to
+        the shards, answers that never came (504), gaps in the shards' event batches, and
+        reconnects to Redis. Read when scraped; an embedded engine has none of these."""
+        for name, help_text, attribute in (
+            ("balancesim_cluster_calls_in_flight", "Calls sent to shards and not yet answered", "calls_in_flight"),
+            ("balancesim_cluster_timeouts", "Calls answered 504: no outcome learnt in time", "timeouts"),
+            ("balancesim_cluster_event_gaps", "Lost or repeated event batches seen", "gaps"),
+            ("balancesim_cluster_redis_reconnects", "Reconnects of this gateway's Redis readers", "redis_reconnects"),
+        ):
+            if hasattr(engine, attribute):
+                gauge = Gauge(name, help_text, registry=self.registry)
+                gauge.set_function(lambda attribute=attribute: float(getattr(engine, attribute)))
+
     def render(self) -> bytes:
         """The Prometheus text format."""
         return generate_latest(self.registry)
