@@ -310,6 +310,9 @@ class TwoGateways(_TwoGatewaysCase):
             while await self.wait(ws.read_message()) is not None:
                 pass
             assert ws.close_code == 1012
+        # A revocation may have been in what was lost: the shard's tokens are asked again.
+        cached = {p.user_id for p in self.ctx.tokens._cache.values()}
+        assert alice["user_id"] not in cached and bob["user_id"] in cached
         assert [m["type"] for m in await self.until_pong(bob_ws)] == []  # the other shard's owner: untouched
 
 

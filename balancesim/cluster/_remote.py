@@ -468,6 +468,13 @@ class RemoteTokens:
         for token in [t for t in self._cache if digest_of(t) == digest]:
             del self._cache[token]
 
+    def forget_shard(self, shard: int) -> None:
+        """Drop every cached token of a shard's accounts: after a gap in its events, a
+        revocation may have been lost, so each is asked of the shard again."""
+        for token, principal in list(self._cache.items()):
+            if shard_of_user_id(self.engine.placement, principal.user_id) == shard:
+                del self._cache[token]
+
     def close(self) -> None:
         self._cache.clear()
 
@@ -487,6 +494,7 @@ def wire_gateway(remote: RemoteEngine, tokens: RemoteTokens, hub: Any) -> None:
         hub.close_sessions(user_id, digest)
 
     def gap(shard: int) -> None:
+        tokens.forget_shard(shard)
         doomed = [session for session in list(hub.audiences.everyone)
                   if session.is_admin or shard_of_user_id(remote.placement, session.user_id) == shard]
         for session in doomed:
