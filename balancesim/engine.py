@@ -264,7 +264,7 @@ class Engine:
         except errors.BalancesimError as error:
             return failed(error)
         reply = Reply(result_of)
-        self._hashing.submit(self._create, reply, command, password, idempotency_key)
+        self._hashing.submit(self._create, reply, command, password, idempotency_key, _DEADLINE.get())
         return reply
 
     def update_user(self, user_id: int, *, disabled: bool | None = None, role: str | None = None,
@@ -284,11 +284,12 @@ class Engine:
             self._check_key(idempotency_key)
         except errors.BalancesimError as error:
             return failed(error)
+        until = _DEADLINE.get()
         reply = Reply(result_of)
 
         def send(target: Reply, idempotency: tuple[int, str, str] | None) -> None:
             decided = UserUpdated(user_id, "", role or "", bool(disabled), set_by, self.clock.now())
-            self.ledger.append(Submission(None, command, (decided,), target, None, idempotency))
+            self.ledger.append(Submission(None, command, (decided,), target, None, idempotency, until))
 
         if idempotency_key is None:
             send(reply, None)
@@ -514,14 +515,15 @@ class Engine:
             self._prepare(reply, trade.user_id, lambda: ForceOption(trade.user_id, trade_id, outcome, admin_id),
                           "force", {"trade_id": trade_id, "outcome": outcome}, admin_id, key, until)
 
-    def _create(self, reply: Reply, command: CreateUser, password: str, key: str | None) -> None:
+    def _create(self, reply: Reply, command: CreateUser, password: str, key: str | None,
+                until: float | None = None) -> None:
         """On a hashing thread: hash, then hand the new account to the ledger writer."""
 
         def send(target: Reply, idempotency: tuple[int, str, str] | None) -> None:
             hashed = CreateUser(command.username, command.role,
                                 hash_password(password, cost=self.password_cost), command.created_by)
             decided = UserCreated(0, command.username, command.role, self.clock.now())
-            self.ledger.append(Submission(None, hashed, (decided,), target, None, idempotency))
+            self.ledger.append(Submission(None, hashed, (decided,), target, None, idempotency, until))
 
         if key is None:
             send(reply, None)
