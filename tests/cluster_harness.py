@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 from balancesim.actors import RealClock
@@ -21,6 +22,9 @@ from balancesim.engine import Engine
 from balancesim.gateway import TokenStore
 
 SECRET = b"a test cluster's secret, 32+ bytes long"
+# Simulated seconds (0.5 s real at the harness's time scale): long enough that a test on a
+# loaded machine can act between stalling shard 0 and the follower calling the feed stale.
+STALE_FEED_S = 50.0
 
 
 class ShardThread(threading.Thread):
@@ -30,7 +34,7 @@ class ShardThread(threading.Thread):
         super().__init__(daemon=True, name=f"shard-{index}")
         self.engine = Engine(shard_file(data_dir, index), shard=ShardIds(placement, index),
                              clock=RealClock(0.01), password_cost=2, follow_feed=index != 0,
-                             persist_feed=index == 0).start()
+                             persist_feed=index == 0, stale_feed_s=STALE_FEED_S).start()
         self.tokens = TokenStore(self.engine.ledger.path)
         self.service = ShardService(self.engine, self.tokens, redis_url=redis_url, index=index, secret=SECRET)
         self.ready = threading.Event()
@@ -47,6 +51,19 @@ class ShardThread(threading.Thread):
         self.ready.set()
         await self._stopping.wait()
         await self.service.stop()
+
+    def stall(self, seconds: float) -> threading.Event:
+        """Block this shard's loop as SIGSTOP would (it reads and publishes nothing);
+        the event is set once the stall has begun."""
+        began = threading.Event()
+
+        def sleep() -> None:
+            began.set()
+            time.sleep(seconds)
+
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(sleep)
+        return began
 
     def stop(self) -> None:
         if self.loop is not None and self._stopping is not None:

@@ -157,7 +157,7 @@ class Deadlines(ClusterCase):
     def stall(self, username: str, seconds: float) -> None:
         """Block the shard of ``username`` as SIGSTOP would: its loop reads nothing meanwhile."""
         shard = self.cluster.shards[shard_of_username(self.cluster.placement, username)]
-        shard.loop.call_soon_threadsafe(time.sleep, seconds)
+        assert shard.stall(seconds).wait(timeout=10)
 
     @gen_test(timeout=30)
     async def test_a_stalled_shard_gives_504_with_the_key_and_the_late_call_never_applies(self):
@@ -351,15 +351,15 @@ class OneFeed(ClusterCase):
     async def test_while_the_feed_is_stale_the_follower_refuses_new_options_and_spot_orders(self):
         name = self.follower_user()
         user = await self.account(name, usdt="100")
-        self.cluster.shards[0].loop.call_soon_threadsafe(time.sleep, 1.5)  # shard 0 publishes nothing
-        await asyncio.sleep(0.5)
+        assert self.cluster.shards[0].stall(2.0).wait(timeout=10)  # shard 0 publishes nothing
+        await asyncio.sleep(1.0)
         status, body = await self.call("POST", "/api/options", {"symbol": "BTCUSDT", "direction": "up",
                                                                "amount": "5", "duration": 30}, user["token"])
         assert (status, body["error"]["code"]) == (503, "unavailable") and "stale" in body["error"]["message"]
         status, body = await self.call("POST", "/api/spot/orders", {"symbol": "BTCUSDT", "side": "buy",
                                                                    "quantity": "0.0001"}, user["token"])
         assert (status, body["error"]["code"]) == (503, "unavailable")
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.0)
         status, body = await self.call("POST", "/api/spot/orders", {"symbol": "BTCUSDT", "side": "buy",
                                                                    "quantity": "0.0001"}, user["token"])
         assert status == 201, body
@@ -373,10 +373,11 @@ class OneFeed(ClusterCase):
         self.remote.subscribe(lambda events: opened_events.extend(
             e for e in events if type(e).__name__ == "OptionOpened"))
         user = await self.account(self.follower_user(), usdt="100")
+        began = self.cluster.shards[0].stall(2.5)  # down from now, well past the 0.3 s expiry
+        assert began.wait(timeout=10)
         status, opened = await self.call("POST", "/api/options", {"symbol": "ETHUSDT", "direction": "down",
                                                                  "amount": "5", "duration": 30}, user["token"])
-        assert status == 201
-        self.cluster.shards[0].loop.call_soon_threadsafe(time.sleep, 1.5)  # down, well past the 0.3 s expiry
+        assert status == 201, opened
         await asyncio.sleep(1.0)
         status, still = await self.call("GET", "/api/options?status=open", token=user["token"])
         assert [t["trade_id"] for t in still["trades"]] == [opened["trade"]["trade_id"]]
