@@ -1,7 +1,8 @@
-"""Saturated durable HTTP deposits, by mode: the embedded ``serve`` (and, later, the cluster).
+"""Saturated durable HTTP deposits, by mode: the embedded ``serve`` and the cluster.
 
 Usage: ``python benchmarks/cluster.py [--users 200] [--connections 64] [--seconds 15]
-[--warmup 3] [--threads 1]`` (needs Debian's ``wrk``: ``apt-get install -y wrk``).
+[--warmup 3] [--threads 1] [--time-scale 1] [--modes embedded,cluster]`` (needs Debian's
+``wrk``: ``apt-get install -y wrk``, and ``redis-server`` for the cluster).
 
 This is the measuring tool of issue 15's benchmark. Each *mode* (the ``MODES`` table) starts
 a deployment as subprocesses and says which processes play which role; the one driver
@@ -62,7 +63,7 @@ from balancesim.serveproc import ServerProcess  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
 
 SUPERADMIN = ("superadmin", "superadmin123")  # created by ``serve --demo``
-SERVE_ARGS = ("--demo", "--time-scale", "0.01", "--password-cost", "1024", "--log-level", "warning")
+SERVE_ARGS = ("--demo", "--password-cost", "1024", "--log-level", "warning")  # + --time-scale (see main)
 USER_PASSWORD = "bench-pw"
 WARMUP_DESCRIPTION = "bench warm-up"
 TIMED_DESCRIPTION = "bench"
@@ -87,10 +88,10 @@ class Deployment:
     log: Callable[[], str] = field(default=lambda: "")
 
 
-def start_embedded(workdir: str) -> Deployment:
+def start_embedded(workdir: str, serve_args: tuple[str, ...]) -> Deployment:
     """Today's ``balancesim serve``: one process, one ledger file."""
     db = os.path.join(workdir, "embedded.db")
-    server = ServerProcess(db, *SERVE_ARGS).start()
+    server = ServerProcess(db, *serve_args).start()
     assert server.process is not None
     return Deployment(url=server.url, roles={"server": [server.process.pid]}, ledgers=[db],
                       stop=server.stop, log=server.log)
@@ -103,7 +104,7 @@ class Mode:
     ``cpu_keys`` maps a role to the key of its µs per deposit.
     """
 
-    start: Callable[[str], Deployment]
+    start: Callable[[str, tuple[str, ...]], Deployment]  # (its directory, serve's options)
     cpu_keys: dict[str, str]
 
 
@@ -145,11 +146,11 @@ def role_of(pid: int) -> str | None:
     return None
 
 
-def start_cluster(workdir: str) -> Deployment:
+def start_cluster(workdir: str, serve_args: tuple[str, ...]) -> Deployment:
     """``serve --workers 2 --shards 2``: the ``serve`` parent (the supervisor), two gateways on
     its shared socket, two shards and its private ``redis-server``, found in its process tree."""
     data_dir = os.path.join(workdir, "data")
-    server = ServerProcess(None, "--workers", "2", "--shards", "2", *SERVE_ARGS, data_dir=data_dir).start()
+    server = ServerProcess(None, "--workers", "2", "--shards", "2", *serve_args, data_dir=data_dir).start()
     try:
         roles: dict[str, list[int]] = {"supervisor": [server.pid], "gateway": [], "shard": [], "redis": []}
         for pid in process_tree(server.pid):
@@ -343,7 +344,7 @@ def run_mode(name: str, mode: Mode, args: argparse.Namespace, workdir: str) -> d
     """Start ``mode``, saturate it with deposits, stop it, check the ledgers; its figures."""
     home = os.path.join(workdir, name)
     os.makedirs(home)
-    deployment = mode.start(home)
+    deployment = mode.start(home, (*SERVE_ARGS, "--time-scale", f"{args.time_scale:g}"))
     try:
         token, users = asyncio.run(create_users(deployment.url, args.users))
         ids = [u["user_id"] for u in users]
@@ -412,6 +413,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1 keeps its CPU low)")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="serve's --time-scale. Deposits do not depend on it, but the price feed ticks "
+                             "1/time-scale times per simulated second: at 0.01, 100 ticks/s cross Redis to every "
+                             "shard and gateway, ≈ 0.3 of a core in the cluster (0.035 embedded) before any deposit")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
