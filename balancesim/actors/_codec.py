@@ -38,10 +38,32 @@ _TYPES: dict[str, type] = {
 }
 
 
+_SCALARS = frozenset({type(None), bool, int, float, str})
+# Each record type's field names, found once: a shard encodes every answer and event.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(spec.name for spec in dataclasses.fields(cls))
+    for cls in _TYPES.values() if dataclasses.is_dataclass(cls)
+}
+
+
 def to_plain(value: Any) -> Any:
     """A record (or a value holding records) as JSON-ready plain values."""
-    if isinstance(value, Posted):
-        return {"$t": "Posted", **{name: to_plain(item) for name, item in zip(Posted._fields, value)}}
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is Posted:
+        # The hot path (every entry of every answer and event batch): its fields are
+        # scalars but for the metadata, whose values are scalars too.
+        plain = dict(zip(Posted._fields, value))
+        plain["metadata"] = dict(value.metadata)
+        plain["$t"] = "Posted"
+        return plain
+    names = _FIELD_NAMES.get(kind)
+    if names is not None and kind is not Rejected:
+        out: dict[str, Any] = {"$t": kind.__name__}
+        for name in names:
+            out[name] = to_plain(getattr(value, name))
+        return out
     if isinstance(value, Rejected):
         error = value.error
         code = error.code if isinstance(error, errors.BalancesimError) else "invalid_request"
