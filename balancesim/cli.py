@@ -110,20 +110,31 @@ def users() -> None:
 @click.option("--username", required=True, help="Unique login name.")
 @click.option("--password", required=True, help="Login password (stored as a scrypt hash).")
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@click.option("--redis", "redis_url", default=None,
+              help="Through a running cluster: its Redis, redis://user:pass@host:port (the secret from "
+                   "$BALANCESIM_CLUSTER_SECRET, or --data-dir's cluster.secret).")
 @click.pass_context
 @domain_errors
 def users_create(ctx: click.Context, db_path: str, data_dir: str | None, shards: int | None,
-                 username: str, password: str, role: str) -> None:
+                 username: str, password: str, role: str, redis_url: str | None) -> None:
     """Create an account and print its user_id (a server may be running on the file).
 
     The engine's rules judge the name, password and role, as for ``POST /api/users``.
     With --data-dir, the account goes to its username's shard file (a cluster may
     be running on the directory); a new directory is made with --shards files.
+    With --redis, it goes through the running cluster to its username's shard, as a
+    gateway sends it (for a machine without the data directory).
     """
     import sqlite3
 
-    one_ledger_source(ctx.get_parameter_source("db_path") is not click.core.ParameterSource.DEFAULT,
-                      data_dir, shards)
+    db_given = ctx.get_parameter_source("db_path") is not click.core.ParameterSource.DEFAULT
+    if redis_url is not None:
+        if db_given or shards is not None:
+            raise InputError("--redis creates the account through a running cluster: --db and --shards "
+                             "do not go with it (--data-dir may, for its cluster.secret)")
+        click.echo(_create_through_cluster(redis_url, data_dir, username, password, role))
+        return
+    one_ledger_source(db_given, data_dir, shards)
     if data_dir is not None:
         from balancesim.cluster import create_user_in_data_dir
 
@@ -256,6 +267,33 @@ def trust_proxy_option(func: Callable[..., Any]) -> Callable[..., Any]:
         help="Behind a proxy you run: the login limiter counts the client address it appends "
              "to X-Forwarded-For, not the proxy's.",
     )(func)
+
+
+def _create_through_cluster(redis_url: str, data_dir: str | None, username: str, password: str, role: str) -> int:
+    """``users create --redis``: the new account's user_id, or a one-line error (exit 1 for
+    a refusal such as a taken name, exit 2 when the cluster cannot be reached)."""
+    import asyncio
+    import os
+
+    from balancesim.cluster import SECRET_ENV, SECRET_FILE, SecretError, load_secret
+    from balancesim.cluster._processes import RedisUnreachable, create_user_through
+
+    if os.environ.get(SECRET_ENV) is None and data_dir is not None \
+            and not os.path.exists(os.path.join(data_dir, SECRET_FILE)):
+        # load_secret would make a new one, which no shard knows.
+        raise InputError(f"{data_dir} has no {SECRET_FILE}: give the data directory of the running cluster, "
+                         f"or set ${SECRET_ENV}")
+    try:
+        secret = bytes(load_secret(data_dir))
+    except SecretError as error:
+        raise InputError(str(error)) from None
+    try:
+        created = asyncio.run(create_user_through(redis_url, secret, username, password, role))
+    except (RedisUnreachable, TimeoutError) as error:
+        raise InputError(str(error)) from None
+    except (errors.Unavailable, errors.Timeout) as error:
+        raise InputError(f"the cluster did not create the account: {error.message}") from None
+    return created["user_id"]
 
 
 def check_password_cost(password_cost: int) -> None:

@@ -330,3 +330,53 @@ def test_a_deposit_sent_to_a_stopped_shard_is_504_with_its_key_and_never_applies
     assert late.returncode == 0, late.stderr
     assert [entry["amount"] for entry in json.loads(late.stdout)] == ["10", "5"]
 
+
+@pytest.mark.slow
+def test_users_create_through_a_running_cluster_puts_each_account_on_its_username_s_shard(cluster, tmp_path):
+    data_dir = str(tmp_path / "data")
+    server = cluster(data_dir=data_dir)
+    redis_url = read_redis_url(data_dir)
+    with open(os.path.join(data_dir, "cluster.secret")) as secret:
+        secret_env = {**os.environ, SECRET_ENV: secret.read().strip()}
+    no_secret = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+
+    made = {}
+    for shard in (0, 1):
+        name = username_on(shard, "remote-")
+        # The secret from the data directory's cluster.secret.
+        created = balancesim("users", "create", "--redis", redis_url, "--data-dir", data_dir, "--username", name,
+                             "--password", f"{name}-password", env=no_secret)
+        assert created.returncode == 0, created.stderr
+        made[name] = int(created.stdout)
+        assert shard_of_user_id(Placement.for_new(2), made[name]) == shard
+    # The secret from the environment, as on a machine with no data directory; and a role.
+    boss_name = username_on(1, "remote-boss-")
+    created = balancesim("users", "create", "--redis", redis_url, "--username", boss_name, "--password",
+                         "boss-password", "--role", "admin", env=secret_env)
+    assert created.returncode == 0, created.stderr
+    for name, password, role in [(n, f"{n}-password", "user") for n in made] + [(boss_name, "boss-password", "admin")]:
+        status, login = request(server.url, "POST", "/api/login", {"username": name, "password": password})
+        assert status == 200 and login["role"] == role, login
+    status, listed = request(server.url, "GET", "/api/users", token=login["token"])
+    assert status == 200 and {u["username"] for u in listed["users"]} >= set(made) | {boss_name}
+
+    taken = balancesim("users", "create", "--redis", redis_url, "--username", next(iter(made)), "--password",
+                       "another-password", env=secret_env)
+    assert taken.returncode == 1 and taken.stderr.startswith("Error: ") and "is taken" in taken.stderr, taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1 and taken.stdout == ""
+
+    for unreachable in ("redis://someone:hunter2-password@127.0.0.1:9", f"unix://{tmp_path}/no-redis.sock"):
+        refused = balancesim("users", "create", "--redis", unreachable, "--username", "nobody", "--password",
+                             "nobody-password", env=secret_env)
+        assert refused.returncode == 2 and "cannot reach the cluster's Redis" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "hunter2" not in refused.stderr
+    secretless = balancesim("users", "create", "--redis", redis_url, "--username", "nobody", "--password",
+                            "nobody-password", env=no_secret)
+    assert secretless.returncode == 2 and SECRET_ENV in secretless.stderr
+    both = balancesim("users", "create", "--redis", redis_url, "--db", str(tmp_path / "x.db"), "--username",
+                      "nobody", "--password", "nobody-password", env=secret_env)
+    assert both.returncode == 2 and "--redis" in both.stderr
+
+    assert server.stop() == 0
+    verified = balancesim("ledger", "verify", "--data-dir", data_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
