@@ -110,20 +110,31 @@ def users() -> None:
 @click.option("--username", required=True, help="Unique login name.")
 @click.option("--password", required=True, help="Login password (stored as a scrypt hash).")
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@click.option("--redis", "redis_url", default=None,
+              help="Through a running cluster: its Redis, redis://user:pass@host:port (the secret from "
+                   "$BALANCESIM_CLUSTER_SECRET, or --data-dir's cluster.secret).")
 @click.pass_context
 @domain_errors
 def users_create(ctx: click.Context, db_path: str, data_dir: str | None, shards: int | None,
-                 username: str, password: str, role: str) -> None:
+                 username: str, password: str, role: str, redis_url: str | None) -> None:
     """Create an account and print its user_id (a server may be running on the file).
 
     The engine's rules judge the name, password and role, as for ``POST /api/users``.
     With --data-dir, the account goes to its username's shard file (a cluster may
     be running on the directory); a new directory is made with --shards files.
+    With --redis, it goes through the running cluster to its username's shard, as a
+    gateway sends it (for a machine without the data directory).
     """
     import sqlite3
 
-    one_ledger_source(ctx.get_parameter_source("db_path") is not click.core.ParameterSource.DEFAULT,
-                      data_dir, shards)
+    db_given = ctx.get_parameter_source("db_path") is not click.core.ParameterSource.DEFAULT
+    if redis_url is not None:
+        if db_given or shards is not None:
+            raise InputError("--redis creates the account through a running cluster: --db and --shards "
+                             "do not go with it (--data-dir may, for its cluster.secret)")
+        click.echo(_create_through_cluster(redis_url, data_dir, username, password, role))
+        return
+    one_ledger_source(db_given, data_dir, shards)
     if data_dir is not None:
         from balancesim.cluster import create_user_in_data_dir
 
@@ -258,6 +269,33 @@ def trust_proxy_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def _create_through_cluster(redis_url: str, data_dir: str | None, username: str, password: str, role: str) -> int:
+    """``users create --redis``: the new account's user_id, or a one-line error (exit 1 for
+    a refusal such as a taken name, exit 2 when the cluster cannot be reached)."""
+    import asyncio
+    import os
+
+    from balancesim.cluster import SECRET_ENV, SECRET_FILE, SecretError, load_secret
+    from balancesim.cluster._processes import RedisUnreachable, create_user_through
+
+    if os.environ.get(SECRET_ENV) is None and data_dir is not None \
+            and not os.path.exists(os.path.join(data_dir, SECRET_FILE)):
+        # load_secret would make a new one, which no shard knows.
+        raise InputError(f"{data_dir} has no {SECRET_FILE}: give the data directory of the running cluster, "
+                         f"or set ${SECRET_ENV}")
+    try:
+        secret = bytes(load_secret(data_dir))
+    except SecretError as error:
+        raise InputError(str(error)) from None
+    try:
+        created = asyncio.run(create_user_through(redis_url, secret, username, password, role))
+    except (RedisUnreachable, TimeoutError) as error:
+        raise InputError(str(error)) from None
+    except (errors.Unavailable, errors.Timeout) as error:
+        raise InputError(f"the cluster did not create the account: {error.message}") from None
+    return created["user_id"]
+
+
 def check_password_cost(password_cost: int) -> None:
     if password_cost & (password_cost - 1):
         raise click.BadParameter("must be a power of two", param_hint="--password-cost")
@@ -294,9 +332,12 @@ def workers_option(ctx: click.Context, param: click.Parameter, value: str) -> in
                    "[default: balancesim-data].")
 @click.option("--redis", "redis_url", default=None,
               help="Cluster mode: use this Redis (redis://user:pass@host:port) instead of starting one.")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Cluster mode: how long a gateway waits for a shard's answer, and as long again for the "
+                   "outcome, before it answers 504 timeout  [default: 5].")
 def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: int | None, demo: bool,
           password_cost: int, log_level: str, trust_proxy: bool, workers: int, shards: int | None,
-          data_dir: str | None, redis_url: str | None) -> None:
+          data_dir: str | None, redis_url: str | None, timeout_s: float | None) -> None:
     """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0.
 
     Exit 2, having changed nothing, when the port is busy or the ledger cannot be opened.
@@ -310,6 +351,9 @@ def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: in
     configure_logging(log_level)
     cluster_mode = workers != 1 or shards is not None or data_dir is not None or redis_url is not None
     if not cluster_mode:
+        if timeout_s is not None:
+            raise InputError("--timeout-s is for cluster mode (a gateway waiting on its shards): give --workers N "
+                             "or --data-dir too")
         from balancesim.gateway import ServeOptions
         from balancesim.gateway import serve as run
 
@@ -326,7 +370,8 @@ def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: in
 
     try:
         supervise(SuperviseOptions(workers, shards, data_dir or "balancesim-data", redis_url, host, port,
-                                   time_scale, seed, demo, password_cost, log_level, trust_proxy), echo=click.echo)
+                                   time_scale, seed, demo, password_cost, log_level, trust_proxy,
+                                   timeout_s=timeout_s), echo=click.echo)
     except CannotStart as error:
         raise InputError(str(error)) from None
 
@@ -383,7 +428,9 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
 @log_level_option
 @trust_proxy_option
-def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool) -> None:
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="How long to wait for a shard's answer, and as long again for the outcome, before 504 timeout.")
+def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool, timeout_s: float) -> None:
     """Run one gateway of a cluster until SIGINT/SIGTERM (for a deployment across machines).
 
     The secret comes from $BALANCESIM_CLUSTER_SECRET. Prints "listening on
@@ -421,7 +468,8 @@ def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: b
         sys.stdout.flush()
 
     try:
-        asyncio.run(run_gateway(GatewayOptions(redis_url, secret, host, port, trust_proxy=trust_proxy), sockets,
+        asyncio.run(run_gateway(GatewayOptions(redis_url, secret, host, port, timeout_s=timeout_s,
+                                               trust_proxy=trust_proxy), sockets,
                                 on_ready=ready))
     except TimeoutError as error:  # no shard ever published the placement
         raise InputError(str(error)) from None

@@ -111,6 +111,10 @@ class Engine:
             instead of walking them here: a cluster shard other than shard 0.
         stale_feed_s: with ``follow_feed``, prices older than this (on the clock's
             own scale) refuse new options and spot orders as ``503 unavailable``.
+        stale_feed_min_s: but never fewer real seconds than this: the ticks cross
+            processes and Redis, whose delays do not shrink with the time scale (at
+            ``--time-scale 0.01``, 5 simulated seconds would be 50 ms, which a busy
+            machine's scheduling alone exceeds).
         persist_feed: keep the price feed's place in the ledger file, so that after a
             restart the walk goes on (the cluster's one feed, in shard 0).
         shard: this engine is that shard of a cluster: the file is locked for it
@@ -136,6 +140,7 @@ class Engine:
         shard: ShardIds | None = None,
         follow_feed: bool = False,
         stale_feed_s: float = 5.0,
+        stale_feed_min_s: float = 1.0,
         persist_feed: bool = False,
     ) -> None:
         self.shard = shard
@@ -170,6 +175,7 @@ class Engine:
         self.board = PriceBoard(prices)
         self.follow_feed = follow_feed
         self.stale_feed_s = stale_feed_s
+        self.stale_feed_min_s = stale_feed_min_s
         self.persist_feed = persist_feed
         self._market: pykka.ActorRef[Any] | None = None
         # Accounts known to exist: a command for one goes straight to its actor.
@@ -240,7 +246,8 @@ class Engine:
             self._market.tell(Feed(dict(prices), ts))
 
     def _fresh_prices(self) -> None:
-        if self.follow_feed and self.board.stale(self.clock.now(), self.clock.scaled(self.stale_feed_s)):
+        max_age_s = max(self.clock.scaled(self.stale_feed_s), self.stale_feed_min_s)
+        if self.follow_feed and self.board.stale(self.clock.now(), max_age_s):
             raise errors.Unavailable("the price feed is stale: no new options or spot orders until it ticks again")
 
     # -- users ---------------------------------------------------------------------

@@ -80,6 +80,7 @@ class LoadOptions:
         mix: operation → weight (see ``DEFAULT_MIX``).
         think_s: mean seconds between one user's operations.
         db: the server's ledger file, to run ``ledger verify`` on (embedded: set for you).
+        data_dir: or a cluster's data directory, to run it on every shard file.
         progress: called about once a second with the elapsed seconds and ``{ok, refused, errors}``.
     """
 
@@ -92,6 +93,7 @@ class LoadOptions:
     think_s: float = 1.0
     db: str | None = None
     progress: Callable[[float, dict[str, int]], None] | None = None
+    data_dir: str | None = None
 
 
 class Latency:
@@ -390,17 +392,22 @@ async def run_load(options: LoadOptions) -> dict[str, Any]:
             # Verified after the server drained, so every acknowledged mutation is in the file.
             _verify_ledger(report, server.db)
     if options.url:
-        _verify_ledger(report, options.db)
+        _verify_ledger(report, options.db, options.data_dir)
     report["http_client"] = http_client
     return report
 
 
-def _verify_ledger(report: dict[str, Any], db: str | None) -> None:
+def _verify_ledger(report: dict[str, Any], db: str | None, data_dir: str | None = None) -> None:
     verdict = report["verdict"]
-    if db is None:
-        verdict["ledger"] = "ledger not checked (give --db to verify the server's file)"
+    if data_dir is not None:
+        from balancesim.cluster import verify_data_dir_as_one
+
+        ledger = verify_data_dir_as_one(data_dir)
+    elif db is None:
+        verdict["ledger"] = "ledger not checked (give --db or --data-dir to verify the server's ledger)"
         return
-    ledger = verify(db)
+    else:
+        ledger = verify(db)
     verdict["ledger"] = ledger.text()
     verdict["ok"] = verdict["ok"] and ledger.ok
 

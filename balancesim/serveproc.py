@@ -49,6 +49,16 @@ class ServerProcess:
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
 
+    @property
+    def mode(self) -> str:
+        """``embedded`` (one process on a ledger file) or ``cluster`` (on a data directory)."""
+        return "embedded" if self.db is not None else "cluster"
+
+    def ledger_args(self) -> tuple[str, str]:
+        """The options that name this server's ledger to the offline commands (``ledger
+        verify``, ``scenario run --url``): ``--db FILE`` or ``--data-dir DIR``."""
+        return ("--db", self.db) if self.db is not None else ("--data-dir", self.data_dir)  # type: ignore[return-value]
+
     def log(self) -> str:
         """What the server has logged so far."""
         try:

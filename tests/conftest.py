@@ -9,8 +9,14 @@ import pytest
 
 from balancesim.actors import VirtualClock
 from balancesim.engine import Engine
+from balancesim.serveproc import ServerProcess
 
 TIMEOUT_S = 10
+
+#: The two ways ``balancesim serve`` runs: one process on a ledger file, or a cluster
+#: (Redis, 2 shards, 2 gateways on the shared port) on a data directory.
+SERVER_MODES = ("embedded", "cluster")
+CLUSTER_ARGS = ("--workers", "2", "--shards", "2")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,6 +55,38 @@ def make_engine(db_path) -> Iterator:
 @pytest.fixture
 def engine(make_engine) -> Engine:
     return make_engine()
+
+
+@pytest.fixture(params=SERVER_MODES)
+def server_mode(request) -> str:
+    """Each test that uses it runs twice: against the embedded server and against a cluster."""
+    return request.param
+
+
+@pytest.fixture
+def start_server(server_mode, tmp_path) -> Iterator:
+    """``start(*args, name=...)``: ``balancesim serve *args`` in the test's mode, running;
+    stopped after the test.
+
+    Embedded: ``ServerProcess(tmp/NAME.db, *args)``. Cluster: ``serve --workers 2
+    --shards 2 --data-dir tmp/NAME-data *args``. The same ``args`` either way
+    (``--demo``, ``--time-scale``, ``--password-cost`` …): a test cannot tell the modes
+    apart except through ``server.mode`` and ``server.ledger_args()``.
+    """
+    servers: list[ServerProcess] = []
+
+    def start(*args: str, name: str = "server") -> ServerProcess:
+        if server_mode == "embedded":
+            server = ServerProcess(str(tmp_path / f"{name}.db"), *args)
+        else:
+            server = ServerProcess(None, *CLUSTER_ARGS, *args, data_dir=str(tmp_path / f"{name}-data"))
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        if server.running():
+            server.stop()
 
 
 def new_user(engine: Engine, name: str, role: str = "user", usdt: str | None = None) -> int:

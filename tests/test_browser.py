@@ -1,7 +1,8 @@
 """The test page and the admin dashboard in a real headless Chromium (Debian's, via Playwright).
 
 No browser download: Playwright drives /usr/bin/chromium, which .ci/run installs.
-Screenshots of every open page are saved under tests/artifacts/ when a test fails.
+Every test runs twice, against the embedded server and against ``serve --workers 2
+--shards 2`` (the ``start_server`` fixture). Screenshots of every open page are saved under tests/artifacts/ when a test fails.
 """
 
 from __future__ import annotations
@@ -32,11 +33,9 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture
-def server(tmp_path) -> Iterator[ServerProcess]:
-    process = ServerProcess(str(tmp_path / "browser.db"), "--demo", "--time-scale", "0.01", "--password-cost", "1024").start()
-    yield process
-    if process.running():
-        process.stop()
+def server(start_server) -> ServerProcess:
+    """The demo server, embedded and as a cluster (``start_server`` runs each test in both modes)."""
+    return start_server("--demo", "--time-scale", "0.01", "--password-cost", "1024", name="browser")
 
 
 @pytest.fixture

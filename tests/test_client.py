@@ -4,11 +4,14 @@ check order, reject foreign events and reconnect with ``since`` without losing a
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 import pytest
 from tornado.testing import gen_test
 
-from balancesim.client import ApiError, Client, Stream, Unreachable
+from balancesim.client import ApiError, Client, Session, Stream, Unreachable
+from balancesim.cluster import Placement, shard_of_user_id, shard_of_username
 from tests.gateway_harness import WAIT_S, GatewayCase
 
 
@@ -174,3 +177,101 @@ def test_a_user_stream_flags_another_accounts_events_and_an_admin_stream_does_no
 def test_an_unreachable_server_is_a_connection_error():
     with pytest.raises(Unreachable, match="^cannot reach http://127.0.0.1:9: "):
         asyncio.run(Client.login("http://127.0.0.1:9", "x", "y"))
+
+
+# -- against a real server, embedded and as a cluster ----------------------------------------
+
+
+@pytest.fixture
+def server(start_server):
+    """The demo server, embedded and as ``serve --workers 2 --shards 2`` (each test runs in both)."""
+    return start_server("--demo", "--time-scale", "0.01", "--password-cost", "1024")
+
+
+def names_on_each_shard(prefix: str, shards: int = 2) -> list[str]:
+    """A username for each shard of a new cluster's placement, by shard index."""
+    placement, found = Placement.for_new(shards), {}
+    for n in itertools.count():
+        found.setdefault(shard_of_username(placement, f"{prefix}{n}"), f"{prefix}{n}")
+        if len(found) == shards:
+            return [found[index] for index in range(shards)]
+    raise AssertionError("unreachable")
+
+
+def routed(session: Session) -> list[dict]:
+    """What the table routed to ``session``: every message but price ticks and pongs."""
+    return [m for m in session.messages if m["type"] not in ("price_tick", "pong")]
+
+
+def owner(message: dict) -> int:
+    return message["trade"]["user_id"] if message["type"] == "trade_update" else message["user_id"]
+
+
+async def until(check, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_two_users_on_different_shards_and_an_admin_receive_exactly_what_the_table_says(server):
+    asyncio.run(_two_shards_and_an_admin(server.url, server.mode))
+
+
+async def _two_shards_and_an_admin(url: str, mode: str) -> None:
+    boss = await Client.login(url, "superadmin", "superadmin123")
+    admin = await Client.login(url, "admin", "admin123")
+    # Ann lives on shard 1 (which follows shard 0's price feed) and Ben on shard 0.
+    ben_name, ann_name = names_on_each_shard("table-")
+    ann_id = (await boss.create_user(ann_name, "ann-password"))["user_id"]
+    ben_id = (await boss.create_user(ben_name, "ben-password"))["user_id"]
+    if mode == "cluster":
+        assert [shard_of_user_id(Placement.for_new(2), i) for i in (ann_id, ben_id)] == [1, 0]
+    ann = await Client.login(url, ann_name, "ann-password")
+    ben = await Client.login(url, ben_name, "ben-password")
+    # Three WebSocket connections over the shared port (either gateway may take each).
+    ann_s, ben_s, watch = await ann.session(), await ben.session(), await admin.session()
+
+    await boss.deposit(ann_id, "100", description="for ann")
+    await boss.deposit(ben_id, "200", description="for ben")
+    await boss.set_control(ann_id, "win")
+    await boss.set_control(ben_id, "lose")
+    trade = await ann.open_option("BTCUSDT", "up", "10", 30)  # 0.3 s at --time-scale 0.01
+
+    await ann_s.wait_for("trade_update", lambda m: m["trade"]["status"] == "won", timeout_s=20)
+    await ann_s.wait_for("balance_update", lambda m: m["version"] == 3, timeout_s=20)
+    await ben_s.wait_for("trading_control_update", timeout_s=20)
+    await until(lambda: len([m for m in routed(watch) if m["type"] != "user_balance_init"]) >= 8,
+                "the admin received 4 monitors, 2 trade updates and 2 control updates")
+    for session in (ann_s, ben_s, watch):
+        await session.barrier()
+    await asyncio.sleep(0.5)  # anything more, which the table does not route here, would arrive now
+
+    kinds = lambda session: [(m["type"], owner(m)) for m in routed(session)[1:]]  # noqa: E731
+    assert sorted(kinds(ann_s)) == sorted([("balance_update", ann_id)] * 3 + [("trade_update", ann_id)] * 2
+                                          + [("trading_control_update", ann_id)])
+    assert kinds(ben_s) == [("balance_update", ben_id), ("trading_control_update", ben_id)]
+    assert sorted(kinds(watch)) == sorted(
+        [("admin_balance_monitor", ann_id)] * 3 + [("admin_balance_monitor", ben_id)]
+        + [("trade_update", ann_id)] * 2 + [("trading_control_update", ann_id), ("trading_control_update", ben_id)])
+
+    # Own versions gap-free, in order; the admin sees each account's in order too, with its name.
+    updates = lambda session, kind, user: [m for m in routed(session) if m["type"] == kind and owner(m) == user]  # noqa: E731
+    assert [m["version"] for m in updates(ann_s, "balance_update", ann_id)] == [1, 2, 3]
+    assert [m["change_type"] for m in updates(ann_s, "balance_update", ann_id)] == [
+        "deposit", "option_stake", "option_payout"]
+    assert [m["version"] for m in updates(ben_s, "balance_update", ben_id)] == [1]
+    for user, name, own in ((ann_id, ann_name, ann_s), (ben_id, ben_name, ben_s)):
+        monitors = updates(watch, "admin_balance_monitor", user)
+        assert [m["username"] for m in monitors] == [name] * len(monitors)
+        assert [{k: v for k, v in m.items() if k not in ("type", "username")} for m in monitors] == [
+            {k: v for k, v in m.items() if k != "type"} for m in updates(own, "balance_update", user)]
+    assert [m["trade"]["status"] for m in updates(watch, "trade_update", ann_id)] == ["open", "won"]
+    assert {m["trade"]["trade_id"] for m in updates(watch, "trade_update", ann_id)} == {trade["trade_id"]}
+    assert [(m["mode"], m["set_by"]) for m in updates(ann_s, "trading_control_update", ann_id)] == [("win", boss.user_id)]
+    assert (ann_s.balances["USDT"], ben_s.balances["USDT"]) == ((await ann.balance())["balances"]["USDT"], "200")
+    assert ann_s.problems == ben_s.problems == watch.problems == []
+    assert ann_s.reconnects == ben_s.reconnects == watch.reconnects == 0
+    for session in (ann_s, ben_s, watch):
+        await session.close()

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from balancesim.cli import REDIS_URL_ENV, cli
 from balancesim.client import Client
-from balancesim.cluster import SECRET_ENV, Placement, shard_of_user_id
+from balancesim.cluster import SECRET_ENV, Placement, shard_of_user_id, shard_of_username
 from balancesim.cluster._supervisor import REDIS_URL_ENV as SUPERVISOR_REDIS_URL_ENV
 from balancesim.cluster._supervisor import read_redis_url
 from balancesim.serveproc import ServerProcess
@@ -250,3 +250,133 @@ def test_the_roles_refuse_what_they_cannot_run_in_one_line(tmp_path):
     assert neither.returncode == 2
     no_serve = balancesim("cluster", "status", "--data-dir", str(tmp_path))
     assert no_serve.returncode == 2 and "no serve is running" in no_serve.stderr
+
+
+def request(url: str, method: str, path: str, body: dict | None = None, token: str | None = None,
+            key: str | None = None) -> tuple[int, dict]:
+    """``(status, parsed body)`` for any status."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if key:
+        headers["Idempotency-Key"] = key
+    call = urllib.request.Request(url + path, method=method, headers=headers,
+                                  data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(call, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def username_on(shard: int, prefix: str) -> str:
+    placement = Placement.for_new(2)
+    return next(f"{prefix}{n}" for n in range(10_000) if shard_of_username(placement, f"{prefix}{n}") == shard)
+
+
+@pytest.mark.slow
+def test_a_deposit_sent_to_a_stopped_shard_is_504_with_its_key_and_never_applies(cluster, tmp_path):
+    # --timeout-s 1: a gateway waits 1 s for the answer, then 1 s for the outcome, then says 504.
+    data_dir = str(tmp_path / "data")
+    server = cluster("--timeout-s", "1", data_dir=data_dir)
+    boss = request(server.url, "POST", "/api/login", {"username": "superadmin", "password": "superadmin123"})[1]
+    # The stopped shard is not the superadmin's, whose shard checks the token on every gateway.
+    stuck = 1 - shard_of_user_id(Placement.for_new(2), boss["user_id"])
+    status, made = request(server.url, "POST", "/api/users",
+                           {"username": username_on(stuck, "late-"), "password": "late-password"}, boss["token"])
+    assert status == 201, made
+    user_id = made["user_id"]
+    assert shard_of_user_id(Placement.for_new(2), user_id) == stuck
+    assert request(server.url, "POST", "/api/admin/deposits", {"user_id": user_id, "amount": "10"}, boss["token"])[0] == 201
+
+    def account() -> tuple[dict, list]:
+        balance = request(server.url, "GET", f"/api/users/{user_id}/balance", token=boss["token"])
+        history = request(server.url, "GET", f"/api/users/{user_id}/transactions", token=boss["token"])
+        assert balance[0] == history[0] == 200, (balance, history)
+        return balance[1], history[1]["transactions"]
+
+    before = account()
+    pid = shard_pids(data_dir)[stuck]
+    deposit = {"user_id": user_id, "amount": "5", "description": "sent to a stopped shard"}
+    os.kill(pid, signal.SIGSTOP)  # before the deposit is sent
+    try:
+        started = time.monotonic()
+        status, body = request(server.url, "POST", "/api/admin/deposits", deposit, boss["token"], key="late-1")
+        assert (status, body["error"]["code"]) == (504, "timeout"), body
+        assert body["idempotency_key"] == "late-1"
+        assert time.monotonic() - started < 30  # bounded; its deadline (1 s on Redis's clock) is long past
+        time.sleep(1.0)  # further past the deadline, still stopped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    eventually(lambda: http(f"{server.url}/readyz") == 200, "/readyz is 200 again after SIGCONT")
+
+    # The shard read the deposit after its deadline: refused, never applied, and the key remembers why.
+    status, body = request(server.url, "POST", "/api/admin/deposits", deposit, boss["token"], key="late-1")
+    assert (status, body["error"]["code"]) == (503, "unavailable"), body
+    assert "expired" in body["error"]["message"]
+    assert account() == before
+    # A new key applies, once however often it is repeated.
+    first = request(server.url, "POST", "/api/admin/deposits", deposit, boss["token"], key="late-2")
+    again = request(server.url, "POST", "/api/admin/deposits", deposit, boss["token"], key="late-2")
+    assert first[0] == again[0] == 201 and first[1] == again[1], (first, again)
+    balance, history = account()
+    assert balance["balances"]["USDT"] == "15" and balance["version"] == before[0]["version"] + 1
+    assert history == before[1] + [first[1]["transaction"]]
+
+    assert server.stop() == 0
+    verified = balancesim("ledger", "verify", "--data-dir", data_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    late = balancesim("ledger", "history", "--data-dir", data_dir, "--user", str(user_id), "--json")
+    assert late.returncode == 0, late.stderr
+    assert [entry["amount"] for entry in json.loads(late.stdout)] == ["10", "5"]
+
+
+@pytest.mark.slow
+def test_users_create_through_a_running_cluster_puts_each_account_on_its_username_s_shard(cluster, tmp_path):
+    data_dir = str(tmp_path / "data")
+    server = cluster(data_dir=data_dir)
+    redis_url = read_redis_url(data_dir)
+    with open(os.path.join(data_dir, "cluster.secret")) as secret:
+        secret_env = {**os.environ, SECRET_ENV: secret.read().strip()}
+    no_secret = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+
+    made = {}
+    for shard in (0, 1):
+        name = username_on(shard, "remote-")
+        # The secret from the data directory's cluster.secret.
+        created = balancesim("users", "create", "--redis", redis_url, "--data-dir", data_dir, "--username", name,
+                             "--password", f"{name}-password", env=no_secret)
+        assert created.returncode == 0, created.stderr
+        made[name] = int(created.stdout)
+        assert shard_of_user_id(Placement.for_new(2), made[name]) == shard
+    # The secret from the environment, as on a machine with no data directory; and a role.
+    boss_name = username_on(1, "remote-boss-")
+    created = balancesim("users", "create", "--redis", redis_url, "--username", boss_name, "--password",
+                         "boss-password", "--role", "admin", env=secret_env)
+    assert created.returncode == 0, created.stderr
+    for name, password, role in [(n, f"{n}-password", "user") for n in made] + [(boss_name, "boss-password", "admin")]:
+        status, login = request(server.url, "POST", "/api/login", {"username": name, "password": password})
+        assert status == 200 and login["role"] == role, login
+    status, listed = request(server.url, "GET", "/api/users", token=login["token"])
+    assert status == 200 and {u["username"] for u in listed["users"]} >= set(made) | {boss_name}
+
+    taken = balancesim("users", "create", "--redis", redis_url, "--username", next(iter(made)), "--password",
+                       "another-password", env=secret_env)
+    assert taken.returncode == 1 and taken.stderr.startswith("Error: ") and "is taken" in taken.stderr, taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1 and taken.stdout == ""
+
+    for unreachable in ("redis://someone:hunter2-password@127.0.0.1:9", f"unix://{tmp_path}/no-redis.sock"):
+        refused = balancesim("users", "create", "--redis", unreachable, "--username", "nobody", "--password",
+                             "nobody-password", env=secret_env)
+        assert refused.returncode == 2 and "cannot reach the cluster's Redis" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "hunter2" not in refused.stderr
+    secretless = balancesim("users", "create", "--redis", redis_url, "--username", "nobody", "--password",
+                            "nobody-password", env=no_secret)
+    assert secretless.returncode == 2 and SECRET_ENV in secretless.stderr
+    both = balancesim("users", "create", "--redis", redis_url, "--db", str(tmp_path / "x.db"), "--username",
+                      "nobody", "--password", "nobody-password", env=secret_env)
+    assert both.returncode == 2 and "--redis" in both.stderr
+
+    assert server.stop() == 0
+    verified = balancesim("ledger", "verify", "--data-dir", data_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -1,7 +1,8 @@
 """The pages as a trader and an operator use them (issue 14), in Debian's Chromium.
 
 Phone layout, a stale login, the trader's view, the dashboard's trades and P&L, and
-error lines printed once. The server runs at a time scale that leaves an open trade
+error lines printed once. Every test runs against the embedded server and against a
+cluster (``serve --workers 2 --shards 2``). The server runs at a time scale that leaves an open trade
 on screen for a few seconds.
 """
 
@@ -27,12 +28,9 @@ TIME_SCALE = 0.1  # a 30 s trade lasts 3 s, a 60 s one 6 s
 
 
 @pytest.fixture
-def server(tmp_path) -> Iterator[ServerProcess]:
-    process = ServerProcess(str(tmp_path / "pages.db"), "--demo", "--time-scale", str(TIME_SCALE),
-                            "--password-cost", "1024").start()
-    yield process
-    if process.running():
-        process.stop()
+def server(start_server) -> ServerProcess:
+    """The demo server, embedded and as a cluster (``start_server`` runs each test in both modes)."""
+    return start_server("--demo", "--time-scale", str(TIME_SCALE), "--password-cost", "1024", name="pages")
 
 
 @pytest.fixture
@@ -171,7 +169,11 @@ def test_a_refused_stored_token_returns_to_the_login_form_with_a_message(open_pa
 def test_pages_whose_server_forgot_their_login_return_to_the_login_form(open_page, server, tmp_path):
     trader, dashboard = open_page("alice", "alice123"), open_page("admin", "admin123", "/admin")
     server.stop()
-    server.db = str(tmp_path / "another.db")  # a server with another ledger knows no token of the old one
+    # A server with another ledger (or data directory) knows no token of the old one.
+    if server.mode == "embedded":
+        server.db = str(tmp_path / "another.db")
+    else:
+        server.data_dir = str(tmp_path / "another-data")
     server.start(port=server.port)
     for page in (trader, dashboard):
         expect(page.get_by_test_id("login-form")).to_be_visible(timeout=15_000)

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 from balancesim.cli import cli
 from balancesim.scenarios import FILES
-from tests.serve_process import serve  # noqa: F401 - fixture
 
 QUICK = sorted(p.stem for p in FILES.glob("*.toml") if p.stem != "virtual-day")
 
@@ -130,9 +129,18 @@ def test_an_unreachable_url_is_a_clean_error_with_exit_2():
     assert "Traceback" not in result.output
 
 
-def test_a_scenario_passes_against_a_real_server(serve):
-    server = serve("--demo", "--time-scale", "0.01")
-    result = run("trading-control", "--url", server.url, "--db", server.db, "--json")
+@pytest.mark.parametrize("name", ["trading-control", "options-trade"])
+def test_a_scenario_passes_against_a_real_server(start_server, name):
+    # Embedded and as a cluster (start_server), the ledger verified either way: the file
+    # (--db) or every shard file of the data directory (--data-dir).
+    server = start_server("--demo", "--time-scale", "0.01", "--password-cost", "1024")
+    result = run(name, "--url", server.url, *server.ledger_args(), "--json")
     outcome = json.loads(result.output)
     assert result.exit_code == 0, outcome
-    assert outcome["world"] == "remote" and outcome["ok"]
+    assert outcome["world"] == "remote" and outcome["ok"] and outcome["problems"] == []
+    assert outcome["ledger"].startswith("ledger OK")
+
+
+def test_db_and_data_dir_together_are_refused(tmp_path):
+    result = run("options-trade", "--url", "http://127.0.0.1:9", "--db", __file__, "--data-dir", str(tmp_path))
+    assert result.exit_code == 2 and "--db and --data-dir cannot be used together" in result.output

@@ -47,6 +47,7 @@ from balancesim.cluster._data_dir import (
     make_data_dir,
     open_data_dir,
     verify_data_dir,
+    verify_data_dir_as_one,
 )
 from balancesim.cluster._shard import ShardFileInUse, ShardIds, ShardLock, lock_shard_file
 from balancesim.cluster._health import STALE_AFTER_S, ShardHealth
@@ -74,7 +75,7 @@ __all__ = [
     "split_user_id", "transaction_id_for", "user_id_for", "load_secret", "open_sealed", "seal",
     "ShardFileInUse", "ShardIds", "ShardLock", "lock_shard_file",
     "DataDir", "ShardVerified", "audit_data_dir", "create_user_in_data_dir", "history_in_data_dir",
-    "make_data_dir", "open_data_dir", "verify_data_dir",
+    "make_data_dir", "open_data_dir", "verify_data_dir", "verify_data_dir_as_one",
     "STALE_AFTER_S", "ShardHealth", "REDIS_URL_FILE", "SuperviseOptions", "read_redis_url", "supervise",
     "watch_parent",
 ]

@@ -28,7 +28,7 @@ from balancesim.cluster._shard import ShardIds
 
 __all__ = [
     "DataDir", "ShardVerified", "open_data_dir", "make_data_dir", "create_user_in_data_dir",
-    "verify_data_dir", "history_in_data_dir", "audit_data_dir",
+    "verify_data_dir", "verify_data_dir_as_one", "history_in_data_dir", "audit_data_dir",
 ]
 
 _SHARD_FILE = re.compile(r"shard-(0|[1-9][0-9]*)\.db")
@@ -141,6 +141,18 @@ def verify_data_dir(data_dir: str, shards_given: int | None = None) -> list[Shar
     return [ShardVerified(index, cluster.shard_path(index),
                           reports.verify(cluster.shard_path(index), shard=cluster.ids(index)))
             for index in range(cluster.placement.shards)]
+
+
+def verify_data_dir_as_one(data_dir: str, shards_given: int | None = None) -> reports.VerifyReport:
+    """``verify_data_dir`` summed into one report, as ``reports.verify`` gives for one file
+    (each problem names its shard file): what a run against a cluster reports."""
+    merged = reports.VerifyReport()
+    for shard in verify_data_dir(data_dir, shards_given):
+        merged.accounts += shard.report.accounts
+        merged.entries += shard.report.entries
+        merged.trades += shard.report.trades
+        merged.problems += [f"{os.path.basename(shard.path)}: {problem}" for problem in shard.report.problems]
+    return merged
 
 
 def history_in_data_dir(data_dir: str, user: str, shards_given: int | None = None) -> list[dict[str, Any]]:

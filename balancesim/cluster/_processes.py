@@ -32,7 +32,7 @@ from balancesim.engine import Engine
 from balancesim.gateway import TokenStore, make_app, tune_gc
 
 __all__ = ["ShardOptions", "GatewayOptions", "run_shard", "run_gateway", "PLACEMENT_KEY", "HEARTBEAT_S",
-           "read_placement", "cluster_status", "status_problems"]
+           "read_placement", "cluster_status", "status_problems", "RedisUnreachable", "create_user_through"]
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,40 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
         await remote.health.aclose()
         await remote.aclose()
         await client.aclose()
+
+
+class RedisUnreachable(Exception):
+    """The cluster's Redis does not answer (the message never carries the URL: it may hold
+    Redis's password)."""
+
+
+async def create_user_through(redis_url: str, secret: bytes, username: str, password: str, role: str = "user",
+                              *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """``users create --redis``: create an account through a running cluster, on its
+    username's shard (the placement read from Redis), as a gateway would; its
+    ``{user_id, username, role}``.
+
+    Raises:
+        RedisUnreachable: Redis does not answer.
+        TimeoutError: no shard has published the placement within ``timeout_s``.
+        BalancesimError: the shard's refusal (a taken name, a bad password …), or
+            ``Unavailable`` / ``Timeout`` when the shard does not answer.
+    """
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        await client.ping()
+    except (OSError, redis.exceptions.RedisError) as error:  # type: ignore[attr-defined]
+        raise RedisUnreachable(f"cannot reach the cluster's Redis: {type(error).__name__}: {error}") from None
+    finally:
+        await client.aclose()
+    from balancesim.actors import as_asyncio
+
+    placement = await read_placement(redis_url, timeout_s=timeout_s)
+    remote = await RemoteEngine(redis_url, placement, secret, timeout_s=timeout_s).start()
+    try:
+        return await as_asyncio(remote.create_user(username, password, role))
+    finally:
+        await remote.aclose()
 
 
 async def cluster_status(redis_url: str) -> dict[str, Any]:

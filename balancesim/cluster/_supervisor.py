@@ -80,6 +80,9 @@ class SuperviseOptions:
     log_level: str = "info"
     trust_proxy: bool = False
     drain_s: float = 10.0
+    #: How long a gateway waits for a shard's answer (and as long again for its outcome)
+    #: before it answers 504; ``None``: the gateway's default.
+    timeout_s: float | None = None
 
 
 def read_redis_url(data_dir: str) -> str:
@@ -175,6 +178,8 @@ class _Supervisor:
                 "--log-level", o.log_level]
         if o.trust_proxy:
             argv.append("--trust-proxy")
+        if o.timeout_s is not None:
+            argv += ["--timeout-s", repr(o.timeout_s)]
         return _Child(f"gateway {number}", argv, "listening on ")
 
     async def _spawn(self, child: _Child) -> None:

@@ -159,8 +159,10 @@ class RemoteWorld:
 
     remote = True
 
-    def __init__(self, url: str, admin_user: str, admin_password: str, db: str | None = None) -> None:
+    def __init__(self, url: str, admin_user: str, admin_password: str, db: str | None = None,
+                 data_dir: str | None = None) -> None:
         self.url, self.admin_user, self.admin_password, self.db = url.rstrip("/"), admin_user, admin_password, db
+        self.data_dir = data_dir  # a cluster's: every shard file is verified
         self.ids: dict[str, int] = {}
         self.clients: dict[str, Client] = {}
         self.streams: dict[str, Session] = {}
@@ -255,7 +257,13 @@ class RemoteWorld:
     async def finish(self) -> dict[str, Any]:
         for session in self.streams.values():
             await session.close()
-        if self.db is None:
-            return {"ledger": "ledger not checked (give --db to verify the server's file)", "ledger_ok": True}
-        report = verify(self.db)
+        if self.data_dir is not None:
+            from balancesim.cluster import verify_data_dir_as_one
+
+            report = verify_data_dir_as_one(self.data_dir)
+        elif self.db is None:
+            return {"ledger": "ledger not checked (give --db or --data-dir to verify the server's ledger)",
+                    "ledger_ok": True}
+        else:
+            report = verify(self.db)
         return {"ledger": report.text(), "ledger_ok": report.ok, "trades": report.trades}

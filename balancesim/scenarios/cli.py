@@ -23,13 +23,16 @@ T = TypeVar("T")
 
 
 def remote_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--admin-user``, ``--admin-password`` and ``--db``, for runs against a server at ``--url``."""
+    """``--admin-user``, ``--admin-password`` and ``--db`` or ``--data-dir``, for runs against a
+    server at ``--url``."""
     for option in reversed([
         click.option("--admin-user", default="superadmin", show_default=True,
                      help="With --url: a superadmin, to create the participants and act for them."),
         click.option("--admin-password", default="superadmin123", show_default=True, help="With --url: its password."),
         click.option("--db", "db_path", type=click.Path(exists=True, dir_okay=False),
                      help="With --url: the server's ledger file, to run ledger verify on."),
+        click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
+                     help="With --url: a cluster's data directory, to run ledger verify on every shard file."),
     ]):
         func = option(func)
     return func
@@ -53,6 +56,13 @@ def reaching(url: str | None, work: Coroutine[Any, Any, T], admin_user: str = "s
         raise InputError(f"{where} refused the run's setup: {error}") from None
 
 
+def one_ledger(db_path: str | None, data_dir: str | None) -> None:
+    """``--db`` (an embedded server's file) and ``--data-dir`` (a cluster's) name different servers."""
+    if db_path is not None and data_dir is not None:
+        raise InputError("--db and --data-dir cannot be used together: --db is an embedded server's ledger "
+                         "file, --data-dir a cluster's shard files")
+
+
 @click.group()
 def scenario() -> None:
     """Scripted multi-user scenarios that prove balances stay in sync."""
@@ -73,13 +83,14 @@ def scenario_list() -> None:
               help="Run against a running server (real time) instead of in-process, e.g. http://127.0.0.1:3000.")
 @remote_options
 def scenario_run(name_or_path: str, seed: int | None, as_json: bool, url: str | None,
-                 admin_user: str, admin_password: str, db_path: str | None) -> None:
+                 admin_user: str, admin_password: str, db_path: str | None, data_dir: str | None) -> None:
     """Run a scenario by NAME (see list) or PATH; exit 1 if an expectation fails."""
+    one_ledger(db_path, data_dir)
     try:
         spec = load_scenario(name_or_path)
     except ScenarioError as error:
         raise InputError(str(error)) from None
-    world = (RemoteWorld(url, admin_user, admin_password, db_path) if url
+    world = (RemoteWorld(url, admin_user, admin_password, db_path, data_dir) if url
              else InProcessWorld(spec.seed if seed is None else seed))
     work = run_scenario(spec, world, seed)
     outcome = reaching(url, work, admin_user) if url else asyncio.run(work)
@@ -100,7 +111,7 @@ def scenario_run(name_or_path: str, seed: int | None, as_json: bool, url: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print the full JSON report (as --report writes it) instead of the summary.")
 @remote_options
 def load(users: int, duration: float, url: str | None, report_path: str | None, mix: str, think_s: float,
-         as_json: bool, admin_user: str, admin_password: str, db_path: str | None) -> None:
+         as_json: bool, admin_user: str, admin_password: str, db_path: str | None, data_dir: str | None) -> None:
     """Multi-user load over real HTTP and WebSocket connections; prints a summary: operations
     with their ok, refused and error counts, throughput, latency percentiles and the verdict.
 
@@ -108,6 +119,7 @@ def load(users: int, duration: float, url: str | None, report_path: str | None, 
     """
     from balancesim.load import LoadOptions, parse_mix, render_text, run_load, write_report
 
+    one_ledger(db_path, data_dir)
     try:
         weights = parse_mix(mix)
     except ValueError as error:
@@ -118,7 +130,8 @@ def load(users: int, duration: float, url: str | None, report_path: str | None, 
         click.echo(f"\r[{'#' * int(done * 30):<30}] {elapsed:5.0f}/{duration:.0f} s  {totals['ok']} ok  "
                    f"{totals['refused']} refused  {totals['errors']} errors", nl=False, err=True)
 
-    options = LoadOptions(users, duration, url, admin_user, admin_password, weights, think_s, db_path, progress)
+    options = LoadOptions(users, duration, url, admin_user, admin_password, weights, think_s, db_path, progress,
+                          data_dir=data_dir)
     report = reaching(url, run_load(options), admin_user)
     click.echo("", err=True)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
