@@ -294,9 +294,12 @@ def workers_option(ctx: click.Context, param: click.Parameter, value: str) -> in
                    "[default: balancesim-data].")
 @click.option("--redis", "redis_url", default=None,
               help="Cluster mode: use this Redis (redis://user:pass@host:port) instead of starting one.")
+@click.option("--timeout-s", type=click.FloatRange(0.1, 600), default=None,
+              help="Cluster mode: how long a gateway waits for a shard's answer before it asks for the "
+                   "outcome (and as long again before it says 504)  [default: 5].")
 def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: int | None, demo: bool,
           password_cost: int, log_level: str, trust_proxy: bool, workers: int, shards: int | None,
-          data_dir: str | None, redis_url: str | None) -> None:
+          data_dir: str | None, redis_url: str | None, timeout_s: float | None) -> None:
     """Run the engine and the gateway until SIGINT/SIGTERM, then drain and exit 0.
 
     Exit 2, having changed nothing, when the port is busy or the ledger cannot be opened.
@@ -309,6 +312,8 @@ def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: in
     check_password_cost(password_cost)
     configure_logging(log_level)
     cluster_mode = workers != 1 or shards is not None or data_dir is not None or redis_url is not None
+    if timeout_s is not None and not cluster_mode:
+        raise InputError("--timeout-s is the cluster gateways' deadline for a shard's answer: give --workers N")
     if not cluster_mode:
         from balancesim.gateway import ServeOptions
         from balancesim.gateway import serve as run
@@ -326,7 +331,8 @@ def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: in
 
     try:
         supervise(SuperviseOptions(workers, shards, data_dir or "balancesim-data", redis_url, host, port,
-                                   time_scale, seed, demo, password_cost, log_level, trust_proxy), echo=click.echo)
+                                   time_scale, seed, demo, password_cost, log_level, trust_proxy,
+                                   timeout_s=timeout_s), echo=click.echo)
     except CannotStart as error:
         raise InputError(str(error)) from None
 
@@ -383,7 +389,10 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
 @log_level_option
 @trust_proxy_option
-def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool) -> None:
+@click.option("--timeout-s", type=click.FloatRange(0.1, 600), default=5.0, show_default=True,
+              help="How long to wait for a shard's answer before asking for the outcome (and as long "
+                   "again before answering 504).")
+def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool, timeout_s: float) -> None:
     """Run one gateway of a cluster until SIGINT/SIGTERM (for a deployment across machines).
 
     The secret comes from $BALANCESIM_CLUSTER_SECRET. Prints "listening on
@@ -421,7 +430,8 @@ def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: b
         sys.stdout.flush()
 
     try:
-        asyncio.run(run_gateway(GatewayOptions(redis_url, secret, host, port, trust_proxy=trust_proxy), sockets,
+        asyncio.run(run_gateway(GatewayOptions(redis_url, secret, host, port, timeout_s=timeout_s,
+                                                trust_proxy=trust_proxy), sockets,
                                 on_ready=ready))
     except TimeoutError as error:  # no shard ever published the placement
         raise InputError(str(error)) from None
