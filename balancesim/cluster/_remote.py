@@ -7,8 +7,8 @@ hash, or the residue class of a user id); ``users`` and ``trades`` across accoun
 gather from every shard and answer ``503 unavailable`` when one is missing, never a
 silently partial list.
 
-Outcomes. A call that is never handed to Redis (no connection) is ``503 unavailable``:
-nothing changed. A mutation whose answer does not come in ``timeout_s`` is ``504
+Outcomes. A call that is never handed to Redis (no connection, or its shard known down
+from the heartbeats) is ``503 unavailable``: nothing changed. A mutation whose answer does not come in ``timeout_s`` is ``504
 timeout`` carrying its idempotency key (the client's, or the one this gateway
 assigned), so a repeat with it learns the real outcome: the shard committed the key
 with the entries, and answers a repeat from them.
@@ -156,6 +156,10 @@ class RemoteEngine:
         query for its key, through the same stream; only when that goes unanswered
         too is the answer ``504 timeout`` with the key.
         """
+        if self.health is not None and not self.health.alive(shard):
+            # Known down from its heartbeats: say so at once, rather than hand the call to a
+            # stream that no one reads and answer 504 a deadline later. Nothing was sent.
+            raise errors.Unavailable(f"shard {shard} is down (no recent heartbeat); nothing was sent")
         if self._in_flight[shard] >= self.max_in_flight:
             busy = errors.Unavailable(f"shard {shard} has {self.max_in_flight} requests in flight; try again")
             busy.retry_after_s = 1  # type: ignore[attr-defined]
