@@ -16,12 +16,13 @@ on the same file and port, and checks that:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from balancesim.client import ApiError, Client, Session, configure_http, out_of_sync
 from balancesim.operations import OPERATIONS, perform, transactions_of
@@ -151,3 +152,104 @@ async def run_trials(trials: int, *, users: int = 6, seed: int = 0) -> list[Tria
     """Run trials one after another (each kills its own server)."""
     configure_http(64)
     return [await run_trial(i + 1, users=users, seed=seed * 1000 + i) for i in range(trials)]
+
+
+# -- cluster mode: ``chaos --cluster`` ------------------------------------------------------
+#
+# One ``serve --workers 2 --shards 2`` for the whole run; each trial injects one fault of
+# the kinds below, in turn, at a random moment under load, lets the cluster recover by
+# itself and then checks PROTOCOL.md's promises over everything done so far.
+
+def cluster_children(serve_pid: int) -> dict[str, Any]:
+    """The live children of a ``serve --workers`` parent, from ``/proc``:
+    ``{"gateways": [pid, …], "shards": {index: pid}, "redis": pid | None}``."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parents[int(name)] = int(fields[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found: dict[str, Any] = {"gateways": [], "shards": {}, "redis": None}
+    for pid, parent in parents.items():
+        if parent != serve_pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = [part.decode(errors="replace") for part in cmdline.read().split(b"\0")]
+        except OSError:
+            continue
+        if "gateway" in argv:
+            found["gateways"].append(pid)
+        elif "shard" in argv and "--index" in argv:
+            found["shards"][int(argv[argv.index("--index") + 1])] = pid
+        elif argv and os.path.basename(argv[0].split()[0]).startswith("redis-server"):
+            # (redis-server rewrites its argv: "/usr/bin/redis-server unixsocket:…")
+            found["redis"] = pid
+    found["gateways"].sort()
+    return found
+
+
+async def raw_call(base_url: str, method: str, path: str, body: Any = None, *, token: str | None = None,
+                   key: str | None = None, timeout_s: float = 60) -> tuple[int, Any]:
+    """One HTTP call whose every answer is data: ``(status, parsed body)``; status 0 when
+    no answer came at all (refused, reset: the outcome is as open as a 504's)."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if key:
+        headers["Idempotency-Key"] = key
+    try:
+        response = await AsyncHTTPClient().fetch(
+            base_url + path, method=method, headers=headers, allow_nonstandard_methods=True,
+            body=None if body is None else json.dumps(body), request_timeout=timeout_s)
+    except HTTPClientError as error:
+        if error.response is None:
+            return 0, {"error": {"code": "no_answer", "message": str(error)}}
+        try:
+            return error.code, json.loads(error.response.body)
+        except ValueError:
+            return error.code, {"error": {"code": "http_error", "message": str(error)}}
+    except OSError as error:
+        return 0, {"error": {"code": "no_answer", "message": str(error)}}
+    return response.code, json.loads(response.body) if response.body else None
+
+
+async def barrier(session: Session, timeout_s: float = 30) -> None:
+    """``session.barrier()``, waiting out a reconnect in progress (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await session.barrier(5)
+            return
+        except Exception:  # noqa: BLE001 - closed mid-reconnect, or no pong yet: try again
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def session_in_sync(session: Session, read_balance: Callable[[], Awaitable[dict]],
+                          timeout_s: float = 60) -> str | None:
+    """``out_of_sync`` for a cluster under repair: reads that meet a 503 or a reconnect are
+    retried (bounded), and a session that is behind is given until ``timeout_s`` to catch up."""
+    deadline = time.monotonic() + timeout_s
+
+    async def stored() -> dict:
+        while True:
+            try:
+                return await read_balance()
+            except (ApiError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    while True:
+        problem = await out_of_sync(session, stored, lambda: barrier(session, timeout_s), attempts=50)
+        if problem is None or time.monotonic() > deadline:
+            return problem
+        await asyncio.sleep(0.2)
