@@ -8,10 +8,10 @@ gather from every shard and answer ``503 unavailable`` when one is missing, neve
 silently partial list.
 
 Outcomes. A call that is never handed to Redis (no connection, or its shard known down
-from the heartbeats) is ``503 unavailable``: nothing changed. A mutation whose answer does not come in ``timeout_s`` is ``504
-timeout`` carrying its idempotency key (the client's, or the one this gateway
-assigned), so a repeat with it learns the real outcome: the shard committed the key
-with the entries, and answers a repeat from them.
+from the heartbeats) is ``503 unavailable``: nothing changed. A mutation whose answer
+does not come in ``timeout_s`` is ``504 timeout`` carrying its idempotency key (the
+client's, or the one this gateway assigned), so a repeat with it learns the real
+outcome: the shard committed the key with the entries, and answers a repeat from them.
 """
 
 from __future__ import annotations
