@@ -507,9 +507,28 @@ def status_table(status: dict[str, Any], expected: int | None) -> str:
 @click.option("--trials", type=click.IntRange(1), default=5, show_default=True, help="Kill-and-restart trials.")
 @click.option("--users", type=click.IntRange(1, 200), default=6, show_default=True, help="Concurrent users per trial.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the moments of the kills and the operations.")
-def chaos(trials: int, users: int, seed: int) -> None:
+@click.option("--cluster", is_flag=True,
+              help="Run serve --workers 2 --shards 2 instead, and take the fault kinds in turn: SIGKILL a "
+                   "gateway, SIGKILL a shard, SIGKILL Redis, SIGSTOP a shard past the deadline, cut a host off "
+                   "(that one needs the namespace layout, --hosts, and is reported as not run).")
+def chaos(trials: int, users: int, seed: int, cluster: bool) -> None:
     """Kill the server (SIGKILL) under load and prove nothing acknowledged was lost; exit 1 if anything was."""
     import asyncio
+
+    if cluster:
+        from balancesim.chaos import run_cluster_trials
+
+        done = asyncio.run(run_cluster_trials(trials, users=users, seed=seed, echo=click.echo))
+        ran = [r for r in done if r.ran]
+        failed = [r for r in done if not r.ok]
+        click.echo(f"{len(ran)} of {len(done)} trials run ({len(done) - len(ran)} not run: need --hosts), "
+                   f"{sum(r.acknowledged for r in ran)} mutations acknowledged, "
+                   f"{sum(r.timeouts_resolved for r in ran)} of {sum(r.timeouts for r in ran)} timeouts resolved, "
+                   f"{sum(r.cut_off_resolved for r in ran)} of {sum(r.cut_off for r in ran)} cut-off requests "
+                   f"resolved, {sum(r.unavailable for r in ran)} × 503, {sum(r.reconnects for r in ran)} session "
+                   f"reconnects, {sum(r.read_your_writes for r in ran)} reads on the other gateway, "
+                   f"{len(failed)} failed")
+        sys.exit(1 if failed else 0)
 
     from balancesim.chaos import run_trials
 
