@@ -260,13 +260,19 @@ class RemoteEngine:
                 log.warning("dropped an event batch whose seal does not verify")
                 continue
             epoch, seq = self._last_seq.get(shard, (batch.epoch, batch.seq - 1))
-            expected = seq + 1 if batch.epoch == epoch else 1
-            if batch.seq != expected:
+            if batch.epoch != epoch:
+                # A new shard process. Its predecessor may have committed entries whose batch
+                # never reached Redis (killed between COMMIT and XADD): nothing here can
+                # tell, so the sessions that may have missed something resume with since.
+                self.gaps += 1
+                log.warning("shard %s: a new epoch %s (was %s): it restarted", shard, batch.epoch, epoch)
+                self.on_gap(shard)
+            elif batch.seq != seq + 1:
                 # A lost or repeated batch (Redis lost entries, or restarted): the sessions
                 # that may have missed something resume from the ledger with since.
                 self.gaps += 1
                 log.warning("shard %s: event batch %s of epoch %s where %s was due", shard, batch.seq,
-                            batch.epoch, expected)
+                            batch.epoch, seq + 1)
                 self.on_gap(shard)
             self._last_seq[shard] = (batch.epoch, batch.seq)
             for revoked in batch.revoked:
