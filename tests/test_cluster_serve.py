@@ -309,6 +309,9 @@ def test_a_deposit_sent_to_a_stopped_shard_is_504_with_its_key_and_never_applies
     finally:
         os.kill(pid, signal.SIGCONT)
     eventually(lambda: http(f"{server.url}/readyz") == 200, "/readyz is 200 again after SIGCONT")
+    # That was one gateway's view; the other refreshes its view of the heartbeats twice a
+    # second, and until then it refuses the shard's accounts at once (503, nothing sent).
+    time.sleep(1.5)
 
     # The shard read the deposit after its deadline: refused, never applied, and the key remembers why.
     status, body = request(server.url, "POST", "/api/admin/deposits", deposit, boss["token"], key="late-1")

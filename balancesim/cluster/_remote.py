@@ -7,11 +7,11 @@ hash, or the residue class of a user id); ``users`` and ``trades`` across accoun
 gather from every shard and answer ``503 unavailable`` when one is missing, never a
 silently partial list.
 
-Outcomes. A call that is never handed to Redis (no connection) is ``503 unavailable``:
-nothing changed. A mutation whose answer does not come in ``timeout_s`` is ``504
-timeout`` carrying its idempotency key (the client's, or the one this gateway
-assigned), so a repeat with it learns the real outcome: the shard committed the key
-with the entries, and answers a repeat from them.
+Outcomes. A call that is never handed to Redis (no connection, or its shard known down
+from the heartbeats) is ``503 unavailable``: nothing changed. A mutation whose answer
+does not come in ``timeout_s`` is ``504 timeout`` carrying its idempotency key (the
+client's, or the one this gateway assigned), so a repeat with it learns the real
+outcome: the shard committed the key with the entries, and answers a repeat from them.
 """
 
 from __future__ import annotations
@@ -156,6 +156,10 @@ class RemoteEngine:
         query for its key, through the same stream; only when that goes unanswered
         too is the answer ``504 timeout`` with the key.
         """
+        if self.health is not None and not self.health.alive(shard):
+            # Known down from its heartbeats: say so at once, rather than hand the call to a
+            # stream that no one reads and answer 504 a deadline later. Nothing was sent.
+            raise errors.Unavailable(f"shard {shard} is down (no recent heartbeat); nothing was sent")
         if self._in_flight[shard] >= self.max_in_flight:
             busy = errors.Unavailable(f"shard {shard} has {self.max_in_flight} requests in flight; try again")
             busy.retry_after_s = 1  # type: ignore[attr-defined]
@@ -256,13 +260,19 @@ class RemoteEngine:
                 log.warning("dropped an event batch whose seal does not verify")
                 continue
             epoch, seq = self._last_seq.get(shard, (batch.epoch, batch.seq - 1))
-            expected = seq + 1 if batch.epoch == epoch else 1
-            if batch.seq != expected:
+            if batch.epoch != epoch:
+                # A new shard process. Its predecessor may have committed entries whose batch
+                # never reached Redis (killed between COMMIT and XADD): nothing here can
+                # tell, so the sessions that may have missed something resume with since.
+                self.gaps += 1
+                log.warning("shard %s: a new epoch %s (was %s): it restarted", shard, batch.epoch, epoch)
+                self.on_gap(shard)
+            elif batch.seq != seq + 1:
                 # A lost or repeated batch (Redis lost entries, or restarted): the sessions
                 # that may have missed something resume from the ledger with since.
                 self.gaps += 1
                 log.warning("shard %s: event batch %s of epoch %s where %s was due", shard, batch.seq,
-                            batch.epoch, expected)
+                            batch.epoch, seq + 1)
                 self.on_gap(shard)
             self._last_seq[shard] = (batch.epoch, batch.seq)
             for revoked in batch.revoked:

@@ -169,6 +169,10 @@ class ShardService:
         self.tokens.executor = self._executor
         self.clock_offset_s = await redis_clock_offset_s(self.redis_url)
         self._producer = Producer(self.redis_url)
+        # An empty first batch: every gateway learns this process's epoch at once, and so
+        # that the shard restarted (what its predecessor committed last may be unpublished),
+        # rather than at its next commit.
+        self._publish([])
         self._unsubscribe = self.engine.subscribe(self._committed)
         self._consumer = Consumer(self.redis_url, commands_stream(self.index), "shard",
                                   f"shard-{self.index}", self._handle).start()

@@ -17,7 +17,10 @@ command line, which every local user can read in ``/proc``.
 
 SIGTERM/SIGINT drains in dependency order: the gateways first (they close sessions
 with 1001 and finish the requests in flight), then the shards (they commit what was
-handed over), then Redis. A child that dies unasked is restarted with backoff.
+handed over), then Redis. A child that dies unasked is restarted with backoff, and so
+is the private ``redis-server``: on the same socket, with the same ACL user and password,
+so the shards and gateways (which reconnect by themselves) need no operator step. It
+starts empty, which costs nothing: Redis holds nothing that cannot be lost.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ _START_TIMEOUT_S = 60.0
 _START_RETRY_S = 15.0
 # A child that ran this long before dying starts its backoff afresh.
 _HEALTHY_RUN_S = 30.0
+# How often the supervisor looks whether its private redis-server still runs.
+_REDIS_CHECK_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class _Supervisor:
         self.shards = shards
         self.redis_server = redis_server
         self.stopping = False
+        self.redis_restarts = 0
         self.backoff = Backoff(initial_s=1.0, max_s=30.0)
         # The watchdog pipe: children read it, this process only holds the write end.
         self.watch_read_fd, self.watch_write_fd = os.pipe()
@@ -250,6 +256,35 @@ class _Supervisor:
             except _ChildFailed as error:
                 log.warning("%s", error)
 
+    async def _keep_redis(self) -> None:
+        """Restart the private ``redis-server`` whenever it dies unasked, with backoff.
+
+        ``start()`` runs here, on the main thread (the loop's), so that the kernel's
+        parent-death signal still ties the new server to this process. It blocks the
+        loop while Redis starts (tens of milliseconds; bounded by its start timeout).
+        """
+        server = self.redis_server
+        assert server is not None
+        attempt = 0
+        while not self.stopping:
+            await asyncio.sleep(_REDIS_CHECK_S)
+            if server.running or self.stopping:
+                continue
+            delay_s = min(self.backoff.delay_s(attempt), 5.0)
+            log.warning("redis-server exited unasked; restarting it in %.1f s", delay_s)
+            await asyncio.sleep(delay_s)
+            attempt += 1
+            if self.stopping:
+                return
+            try:
+                server.start()
+            except (RuntimeError, TimeoutError, OSError) as error:
+                log.warning("cannot restart redis-server: %s", error)
+                continue
+            self.redis_restarts += 1
+            attempt = 0
+            log.warning("redis-server restarted (pid %s) on the same socket and ACL user", server.pid)
+
     async def _forget_shard(self, index: int) -> None:
         # The dead shard's heartbeat would live on for its expiry: delete it, so that
         # /readyz and `cluster status` say at once that the shard is down.
@@ -314,6 +349,8 @@ class _Supervisor:
             else:
                 starting.result()  # raises _ChildFailed
                 keepers = [asyncio.ensure_future(self._keep(child)) for child in shards + gateways]
+                if self.redis_server is not None:
+                    keepers.append(asyncio.ensure_future(self._keep_redis()))
                 self.echo(f"listening on {self.url}")
                 self.echo(f"dashboard: {self.url}/admin")
                 await stop_wait
