@@ -30,6 +30,7 @@ from balancesim.cluster._service import ShardService
 from balancesim.cluster._shard import ShardIds
 from balancesim.engine import Engine
 from balancesim.gateway import TokenStore, make_app, tune_gc
+from balancesim.gateway._server import drain
 
 __all__ = ["ShardOptions", "GatewayOptions", "run_shard", "run_gateway", "PLACEMENT_KEY", "HEARTBEAT_S",
            "read_placement", "cluster_status", "status_problems", "RedisUnreachable", "create_user_through"]
@@ -187,13 +188,7 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
         await stopping.wait()
     finally:
         beat.cancel()
-        server.stop()
-        ctx.hub.stop(1001)
-        deadline = time.monotonic() + options.drain_s
-        while ctx.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await server.close_all_connections()
-        app.close()
+        await drain(server, app, options.drain_s)
         await remote.health.aclose()
         await remote.aclose()
         await client.aclose()

@@ -11,7 +11,7 @@ import sqlite3
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
@@ -126,15 +126,22 @@ async def _run(options: ServeOptions, echo: Callable[[str], None], sockets: list
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
 
+    await drain(server, app, options.drain_s)
+    await loop.run_in_executor(None, engine.stop)
+    echo("stopped")
+
+
+async def drain(server: HTTPServer, app: Any, drain_s: float) -> None:
+    """Stop accepting, close the sessions (1001), let the requests in flight finish (for
+    ``drain_s`` at most), close the connections and the app. The engine is the caller's."""
+    ctx = app.settings["ctx"]
     server.stop()
     ctx.hub.stop(1001)
-    deadline = time.monotonic() + options.drain_s
+    deadline = time.monotonic() + drain_s
     while ctx.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await server.close_all_connections()
     app.close()
-    await loop.run_in_executor(None, engine.stop)
-    echo("stopped")
 
 
 def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
