@@ -395,6 +395,8 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
     """
     import asyncio
 
+    import redis
+
     from balancesim.cluster import Placement, PlacementError, SecretError, ShardFileInUse, load_secret
     from balancesim.cluster._processes import ShardOptions, run_shard
     from balancesim.cluster._watchdog import watch_parent
@@ -409,6 +411,13 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
     except SecretError as error:
         raise InputError(str(error)) from None
 
+    from balancesim.gateway._server import CannotStart, check_ledger
+
+    try:
+        check_ledger(db_path)  # a sentence, not a traceback, for a path it cannot open
+    except CannotStart as error:
+        raise InputError(str(error)) from None
+
     def ready() -> None:
         click.echo(f"shard {index} of {shards} on {db_path}")
         sys.stdout.flush()
@@ -418,6 +427,9 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
                                            time_scale, seed, password_cost), on_ready=ready))
     except (PlacementError, ShardFileInUse) as error:
         raise InputError(str(error)) from None
+    except (OSError, redis.exceptions.RedisError) as error:  # a Redis it cannot reach at start
+        # redis-py's text names the host and port, never the URL with its password.
+        raise InputError(f"cannot reach the cluster's Redis: {type(error).__name__}: {error}") from None
 
 
 @cli.command()

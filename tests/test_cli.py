@@ -270,3 +270,23 @@ def test_serve_prints_the_dashboard_after_the_listening_line_and_logs_without_se
                "amount='999999' by=1 latency=" in line for line in lines)
     assert any(" WARNING balancesim.ops: POST /api/login refused 401 unauthorized " in line for line in lines)
     assert not any("tornado.access" in line for line in lines)  # per-request lines only at --log-level debug
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing-dir/shard-0.db", "does not exist"),
+    ("shard-0.db", "cannot reach the cluster's Redis"),
+])
+def test_a_shard_that_cannot_start_says_why_in_one_line(tmp_path, where, message):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BALANCESIM_CLUSTER_SECRET": "s" * 40}
+    result = subprocess.run(
+        [sys.executable, "-m", "balancesim.cli", "shard", "--redis", "redis://u:pw-not-shown@127.0.0.1:1",
+         "--index", "0", "--shards", "2", "--db", str(tmp_path / where)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "pw-not-shown" not in result.stderr, result.stderr
