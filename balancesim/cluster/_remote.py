@@ -396,9 +396,11 @@ class RemoteEngine:
         return self._reply(shard, op, {**args, "idempotency_key": key}, key=key, view=result_of, decode=True)
 
     def _shard_of(self, user_id: int) -> int:
-        if type(user_id) is not int or user_id <= 0:
-            raise errors.InvalidRequest("user_id must be an integer") if type(user_id) is not int \
-                else errors.UnknownUser(f"no user {user_id}")
+        """The shard of ``user_id``; the embedded engine's refusals for what names nobody."""
+        if type(user_id) is not int:
+            raise errors.InvalidRequest("user_id must be an integer")
+        if user_id <= 0:
+            raise errors.UnknownUser(f"no user {user_id}")
         return shard_of_user_id(self.placement, user_id)
 
     def _gather(self, op: str, args: dict[str, Any]) -> list[Any]:
