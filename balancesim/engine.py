@@ -122,6 +122,12 @@ class Engine:
             (``PlacementError``), ids name the shard, and a new account whose
             username another shard owns is refused (``WrongShard``). ``None``: the
             embedded mode.
+        inline_lookups: look up the idempotency key of a keyed command for a known
+            account on the caller's own thread, not on an engine thread. For a caller
+            with no sessions to keep responsive (a shard's command loop, where every
+            mutation is keyed): an indexed read costs ≈ 10–20 µs, the hop to a thread
+            and back through the GIL several times that. ``False`` for an IOLoop that
+            serves sessions, which must never wait on a read.
     """
 
     def __init__(
@@ -142,8 +148,10 @@ class Engine:
         stale_feed_s: float = 5.0,
         stale_feed_min_s: float = 1.0,
         persist_feed: bool = False,
+        inline_lookups: bool = False,
     ) -> None:
         self.shard = shard
+        self.inline_lookups = inline_lookups
         self.clock = clock or RealClock()
         self.seed = seed
         self.password_cost = password_cost
@@ -163,7 +171,9 @@ class Engine:
             # Before the ledger opens: a second writer must not even record or check.
             self._lock = lock_shard_file(db_path)
         try:
-            self.ledger = Ledger(db_path, batch_max=batch_max, ids=shard)
+            # One more reader for the caller's inline look-ups, so that they rarely find
+            # the pool taken by the engine's and the caller's own reading threads.
+            self.ledger = Ledger(db_path, batch_max=batch_max, ids=shard, readers=5 if inline_lookups else 4)
         except BaseException:
             if self._lock is not None:
                 self._lock.release()
@@ -489,6 +499,9 @@ class Engine:
                 reply.set_exception(error)
             else:
                 self.registry.tell(user_id, Envelope(command, reply, None, until))
+            return reply
+        if self.inline_lookups and user_id in self._known_users:
+            self._prepare(reply, user_id, make, op, params, caller, key, until)
             return reply
         self._io.submit(self._prepare, reply, user_id, make, op, params, caller, key, until)
         return reply

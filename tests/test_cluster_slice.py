@@ -189,16 +189,16 @@ class Deadlines(ClusterCase):
         boss = await self.account("boss", "superadmin")
         alice = await self.account("alice", usdt="10")
         service = self.cluster.shards[shard_of_username(self.cluster.placement, "alice")].service
-        answer = service._answer
+        send = service._send_answer
         lost = []
 
-        async def lose_the_first(call, started):
+        def lose_the_first(call, answer):
             if call.op == "deposit" and not lost:
                 lost.append(call.cid)
-                return  # committed (or about to be), and the answer never sent
-            await answer(call, started)
+                return  # committed, and the answer never sent
+            send(call, answer)
 
-        service._answer = lose_the_first
+        service._send_answer = lose_the_first
         status, body = await self.call("POST", "/api/admin/deposits", {"user_id": alice["user_id"], "amount": "5"},
                                        boss["token"], headers={"Idempotency-Key": "lost-answer"})
         assert lost and status == 201 and body["transaction"]["balance_after"] == "15"

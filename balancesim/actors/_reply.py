@@ -127,8 +127,12 @@ def failed(error: BaseException) -> Reply:
     return reply
 
 
-def as_asyncio(reply: Reply) -> asyncio.Future[Any]:
-    """Bridge a reply into an asyncio future of the running loop, without blocking."""
+def as_asyncio(reply: Reply, *, raw: bool = False) -> asyncio.Future[Any]:
+    """Bridge a reply into an asyncio future of the running loop, without blocking.
+
+    With ``raw``, the future gets the value as it was set, not its view: a shard
+    sends the ``Confirmed`` record on, and building the edge's body would be waste.
+    """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
     bridge = _bridges.get(loop)
@@ -137,7 +141,7 @@ def as_asyncio(reply: Reply) -> asyncio.Future[Any]:
 
     def resolve(done: Reply) -> None:
         try:
-            value, error = done.get(timeout=0), None
+            value, error = (done.raw() if raw else done.get(timeout=0)), None
         except BaseException as raised:  # noqa: BLE001 - handed on to the awaiting side
             value, error = None, raised
         bridge.push(future, value, error)
@@ -164,7 +168,12 @@ class _Bridge:
             self._pending.append((future, value, error))
             if len(self._pending) > 1:
                 return
-        if not self.loop.is_closed():
+        if self.loop.is_closed():
+            return
+        if asyncio._get_running_loop() is self.loop:
+            # Completed on the loop itself (a gateway's remote replies): no wake-up to write.
+            self.loop.call_soon(self._drain)
+        else:
             self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:

@@ -102,7 +102,7 @@ async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lam
                     clock=RealClock(options.time_scale),
                     seed=options.seed if options.seed is not None else int(time.time()) + options.index,
                     password_cost=options.password_cost, follow_feed=options.index != 0,
-                    persist_feed=options.index == 0).start()
+                    persist_feed=options.index == 0, inline_lookups=True).start()
     tokens = TokenStore(options.db)
     service = await ShardService(engine, tokens, redis_url=options.redis_url, index=options.index,
                                  secret=options.secret).start()

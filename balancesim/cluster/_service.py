@@ -238,7 +238,14 @@ class ShardService:
                 log.warning("dropped a call on %s whose seal does not verify", entry.stream)
                 continue
             # Issued now, in stream order; answered whenever each completes.
-            asyncio.ensure_future(self._answer(call, self._dispatch(call)))
+            started = self._dispatch(call)
+            if isinstance(started, Reply):
+                # A mutation: answered from a callback when its commit completes it (the
+                # bridge hands a whole group commit's replies to the loop in one wake-up),
+                # with no task per call.
+                as_asyncio(started, raw=True).add_done_callback(functools.partial(self._replied, call, started))
+            else:
+                asyncio.ensure_future(self._answer(call, started))
 
     def _dispatch(self, call: Call) -> Any:
         op = SHARD_OPERATIONS.get(call.op)
@@ -250,31 +257,45 @@ class ShardService:
                 started = op(self, **call.args)
             ident = _ident(call)
             if ident is not None and isinstance(started, Reply):
-                self.in_flight[ident] = started
-                started.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self.in_flight.pop, ident, None))
+                self.in_flight[ident] = started  # until _replied, on this loop, forgets it
             return started
         except errors.BalancesimError as error:
             return error
         except TypeError as error:  # arguments that do not fit: a gateway of another release
             return errors.InvalidRequest(f"{call.op}: {error}")
 
+    def _replied(self, call: Call, reply: Reply, done: asyncio.Future[Any]) -> None:
+        ident = _ident(call)
+        if ident is not None and self.in_flight.get(ident) is reply:
+            del self.in_flight[ident]
+        try:
+            answer = Answer(call.cid, True, to_plain(done.result()))
+        except BaseException as error:  # noqa: BLE001 - every failure is answered
+            answer = self._refusal(call, error)
+        self._send_answer(call, answer)
+
     async def _answer(self, call: Call, started: Any) -> None:
         try:
             if isinstance(started, BaseException):
                 raise started
-            if isinstance(started, Reply):
-                await as_asyncio(started)
-                value = started.raw()
-            elif asyncio.isfuture(started) or asyncio.iscoroutine(started):
+            if asyncio.isfuture(started) or asyncio.iscoroutine(started):
                 value = await started
             else:
                 value = started
             answer = Answer(call.cid, True, to_plain(value))
-        except errors.BalancesimError as error:
-            answer = Answer(call.cid, False, code=error.code, message=error.message)
-        except Exception:  # noqa: BLE001 - answered as unavailable, logged with its traceback
-            log.exception("shard %s failed on %s", self.index, call.op)
-            answer = Answer(call.cid, False, code="unavailable", message=f"shard {self.index} failed on {call.op}")
+        except Exception as error:  # noqa: BLE001 - every failure is answered
+            answer = self._refusal(call, error)
+        self._send_answer(call, answer)
+
+    def _refusal(self, call: Call, error: BaseException) -> Answer:
+        if isinstance(error, errors.BalancesimError):
+            return Answer(call.cid, False, code=error.code, message=error.message)
+        if isinstance(error, asyncio.CancelledError):
+            raise error
+        log.error("shard %s failed on %s", self.index, call.op, exc_info=error)
+        return Answer(call.cid, False, code="unavailable", message=f"shard {self.index} failed on {call.op}")
+
+    def _send_answer(self, call: Call, answer: Answer) -> None:
         assert self._producer is not None
         sent = self._producer.add(call.reply_to, {FIELD: pack(self.secret, answer)}, maxlen=10_000)
         sent.add_done_callback(_log_lost)

