@@ -104,10 +104,11 @@ class RemoteEngine:
         self.loop = asyncio.get_running_loop()
         self.clock_offset_s = await redis_clock_offset_s(self.redis_url)
         self._producer = Producer(self.redis_url)
-        self._tails = [Tail(self.redis_url, replies_stream(self.gateway_id), self._answers, start_id="$").start()]
+        # One reader for the answers and every shard's events: one XREAD per wake-up.
+        tail = Tail(self.redis_url, replies_stream(self.gateway_id), self._answers, start_id="$")
         for shard in range(self.placement.shards):
-            handler = (lambda s: lambda entries: self._events(s, entries))(shard)
-            self._tails.append(Tail(self.redis_url, events_stream(shard), handler, start_id="$").start())
+            tail.follow(events_stream(shard), functools.partial(self._events, shard), start_id="$")
+        self._tails = [tail.start()]
         return self
 
     async def aclose(self) -> None:

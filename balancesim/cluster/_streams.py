@@ -364,9 +364,9 @@ class _Reader:
         """Bounds one blocking read: it legitimately waits ``block_ms``, no longer."""
         return asyncio.timeout(self.block_ms / 1000 + self.timeout_s)
 
-    async def _deliver(self, entries: list[Entry]) -> None:
+    async def _deliver(self, entries: list[Entry], handler: Handler | None = None) -> None:
         try:
-            await self._handler(entries)
+            await (handler or self._handler)(entries)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -503,6 +503,11 @@ class Tail(_Reader):
     last id is below ``last_id`` (Redis restarted and the clock that makes ids went back),
     the stream is a new one and every entry in it is new to this reader: it reads from
     ``0-0`` and counts a reset. ``start_id="$"`` means "from the stream's current end".
+
+    ``follow`` adds more streams, each with its own handler and place, before ``start``:
+    one ``XREAD`` then waits on all of them, so a reader of several streams (a gateway:
+    its answers and every shard's events) pays one round trip per wake-up, not one per
+    stream.
     """
 
     def __init__(
@@ -522,32 +527,67 @@ class Tail(_Reader):
             url, stream, handler, count=count, block_ms=block_ms, backoff=backoff,
             timeout_s=timeout_s,
         )
-        self.last_id = start_id
-        """The id of the last entry delivered (``start_id`` until the first)."""
+        # Per stream, in the order followed: its handler and the id of its last entry
+        # delivered (its start id until the first).
+        self._places: dict[str, list[Any]] = {stream: [handler, start_id]}
         self.resets = 0
-        """Times the stream was found to be a new one (Redis lost it) on reconnect."""
+        """Times a stream was found to be a new one (Redis lost it) on reconnect."""
+
+    def follow(self, stream: str, handler: Handler, *, start_id: str = "0-0") -> Self:
+        """Read ``stream`` too, into ``handler``, from ``start_id``; before ``start``."""
+        if self._task is not None:
+            raise RuntimeError("follow a stream before start")
+        if stream in self._places:
+            raise ValueError(f"{stream!r} is followed already")
+        self._places[stream] = [handler, start_id]
+        return self
+
+    @property
+    def last_id(self) -> str:
+        """The id of the last entry of the first stream delivered (``start_id`` until then)."""
+        return self._places[self.stream][1]
+
+    def last_id_of(self, stream: str) -> str:
+        """The id of the last entry of ``stream`` delivered (its ``start_id`` until then)."""
+        return self._places[stream][1]
 
     async def _setup(self) -> None:
+        for stream, place in self._places.items():
+            place[1] = await self._place_after_connect(stream, place[1])
+
+    async def _place_after_connect(self, stream: str, last_id: str) -> str:
         try:
-            info = await self._client.xinfo_stream(self.stream)
+            info = await self._client.xinfo_stream(stream)
         except redis.exceptions.ResponseError as error:
             if "no such key" not in str(error):
                 raise
             info = None
-        if self.last_id == "$":
-            self.last_id = _text(info["last-generated-id"]) if info else "0-0"
-            return
-        if info is None or _id_key(_text(info["last-generated-id"])) < _id_key(self.last_id):
-            if self.last_id != "0-0":
+        if last_id == "$":
+            return _text(info["last-generated-id"]) if info else "0-0"
+        if info is None or _id_key(_text(info["last-generated-id"])) < _id_key(last_id):
+            if last_id != "0-0":
                 self.resets += 1
-            self.last_id = "0-0"
+            return "0-0"
+        return last_id
 
     async def _step(self) -> None:
         async with self._read_deadline():
             response = await self._client.xread(
-                {self.stream: self.last_id}, count=self.count, block=self.block_ms
+                {stream: place[1] for stream, place in self._places.items()}, count=self.count, block=self.block_ms
             )
-        entries, _ = _entries(self.stream, response)
-        if entries:
-            await self._deliver(entries)
-            self.last_id = entries[-1].id
+        for stream, rows in _by_stream(response):
+            entries, _ = _entries(stream, [[stream, rows]])
+            if entries:
+                place = self._places[stream]
+                await self._deliver(entries, place[0])
+                place[1] = entries[-1].id
+
+
+def _by_stream(response: Any) -> list[tuple[str, Any]]:
+    """``[(stream, rows)]`` of an XREAD reply, RESP2's list or RESP3's map."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return [(_text(stream), rows[0] if rows and isinstance(rows[0], list) else rows)
+                for stream, rows in response.items()]
+    return [(_text(stream), rows) for stream, rows in response]
