@@ -47,6 +47,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,12 +226,18 @@ def _spawn(argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...], log:
         child = subprocess.Popen(argv, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=errors, text=True)
     assert child.stdout is not None
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while (line := child.stdout.readline()).strip() != READY:
-        if not line or time.monotonic() > deadline:
-            child.kill()
-            child.wait()
-            raise RuntimeError(f"{' '.join(argv[2:])} did not start: {log.read_text()[-2000:]}")
+    # A child that hangs silently would block readline forever: killing it ends the read.
+    watchdog = threading.Timer(START_TIMEOUT_S, child.kill)
+    watchdog.start()
+    try:
+        while (line := child.stdout.readline()).strip() != READY:
+            if not line:
+                child.kill()
+                child.wait()
+                raise RuntimeError(f"{' '.join(argv[2:])} did not start within {START_TIMEOUT_S:g} s: "
+                                   f"{log.read_text()[-2000:]}")
+    finally:
+        watchdog.cancel()
     return child
 
 
