@@ -133,7 +133,12 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def role_of(pid: int, program: Callable[[str], bool] = lambda arg: arg == "balancesim.cli") -> str | None:
+def is_balancesim_cli(arg: str) -> bool:
+    """Whether a command-line argument is the module of ``python -m balancesim.cli``."""
+    return arg == "balancesim.cli"
+
+
+def role_of(pid: int, program: Callable[[str], bool] = is_balancesim_cli) -> str | None:
     """``gateway``, ``shard`` or ``redis`` from a child's name and command line; ``None`` for anything else.
 
     ``program`` spots the argument after which the role's word comes (``-m balancesim.cli
@@ -154,13 +159,13 @@ def role_of(pid: int, program: Callable[[str], bool] = lambda arg: arg == "balan
     return None
 
 
-def roles_below(parent: int, expected: dict[str, int], program: Callable[[str], bool] | None = None,
+def roles_below(parent: int, expected: dict[str, int], program: Callable[[str], bool] = is_balancesim_cli,
                 what: str = "") -> dict[str, list[int]]:
     """The pids of each role in ``parent``'s process tree, the parent as ``supervisor``;
     ``RuntimeError`` unless every role of ``expected`` has exactly that many."""
     roles: dict[str, list[int]] = {"supervisor": [parent], **{role: [] for role in expected}}
     for pid in process_tree(parent):
-        if (role := role_of(pid) if program is None else role_of(pid, program)) is not None:
+        if (role := role_of(pid, program)) is not None:
             roles[role].append(pid)
     if {role: len(roles[role]) for role in expected} != expected:
         raise RuntimeError(f"{what}: expected {expected} below pid {parent}, found {roles}")
@@ -236,9 +241,12 @@ def verify_bare(ledgers: list[str]) -> list[str]:
     each (the row count against the 2xx answers is the driver's common check)."""
     failures = []
     for path in ledgers:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
             if (verdict := db.execute("PRAGMA integrity_check").fetchone()[0]) != "ok":
                 failures.append(f"{path}: integrity_check: {verdict}")
+        finally:
+            db.close()
     return failures
 
 
