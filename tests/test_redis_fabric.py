@@ -78,15 +78,17 @@ class Collector:
 
 
 def count_pipeline_executes(monkeypatch) -> list[int]:
-    """Wrap redis-py's asyncio pipeline so each ``execute`` records its command count."""
+    """Record, per write to Redis, how many XADDs it carried."""
     calls: list[int] = []
-    original = redis.asyncio.client.Pipeline.execute
+    original = redis.asyncio.connection.AbstractConnection.send_packed_command
 
-    async def execute(self, *args, **kwargs):
-        calls.append(len(self.command_stack))
-        return await original(self, *args, **kwargs)
+    async def send_packed_command(self, command, *args, **kwargs):
+        packed = command if isinstance(command, bytes) else b"".join(command)
+        if b"\r\nXADD\r\n" in packed:
+            calls.append(packed.count(b"\r\nXADD\r\n"))
+        return await original(self, command, *args, **kwargs)
 
-    monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", execute)
+    monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "send_packed_command", send_packed_command)
     return calls
 
 

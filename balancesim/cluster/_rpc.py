@@ -13,8 +13,11 @@ with the same ``views.result_of`` as the embedded server.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from balancesim import errors
 from balancesim.cluster._wire import open_sealed, seal
@@ -98,10 +101,35 @@ def pack(secret: bytes, message: Call | Answer | EventBatch) -> bytes:
     # Fields are plain JSON values already: asdict's deep copy of them cost more than
     # the rest of a call's handling on the shard.
     fields = {name: getattr(message, name) for name in message.__dataclass_fields__}
-    body = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
-    return seal(secret, body, kind=_KINDS[type(message)])
+    return seal(secret, _dumps(fields), kind=_KINDS[type(message)])
 
 
 def unpack(secret: bytes, data: bytes, cls: type) -> Any:
     """The message of kind ``cls`` in ``data``; ``Forged`` if its seal does not verify."""
-    return cls(**json.loads(open_sealed(secret, data, kind=_KINDS[cls])))
+    return cls(**_loads(open_sealed(secret, data, kind=_KINDS[cls])))
+
+
+# Every message is encoded once and decoded once or more on the hot path: orjson measured
+# 0.6 µs against 40 for json.dumps, and 4.7 against 25 for json.loads, on a mutation's
+# answer. It writes the same bytes as json.dumps(separators=(",", ":"), ensure_ascii=False).
+# Where the two differ, the standard library's rules stand, as before orjson: an integer
+# past 64 bits or a lone surrogate (orjson refuses them) is encoded by json, and a text
+# with a run of 19 digits (where orjson would read a long integer as a float) is decoded
+# by json, as is anything orjson refuses (NaN).
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _dumps(fields: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(fields, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _loads(data: bytes) -> Any:
+    if _LONG_DIGITS.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
