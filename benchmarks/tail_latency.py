@@ -37,7 +37,8 @@ achieved send rate (deposits/s), and the other keys per mode are ``*_saturated_r
 ``*_p90_ms``, ``*_max_ms``, ``*_count``, ``*_lost``, ``*_late``, ``*_http_errors``,
 ``*_slow``, ``*_slow_on_fsync``, ``*_slow_on_client_stall``, ``*_over_p99``,
 ``*_over_p99_on_fsync``, ``*_stalls`` (commits ≥ ``--stall-ms`` during the open loop),
-``*_stall_max_ms``, ``*_slow_fsync_time_share`` (the share of the slow samples' time spent beside
+``*_stall_max_ms``, ``*_pong_p99_ms`` (ping → pong on ``--pingers`` sessions meanwhile: the
+gateway's loop without the engine), ``*_slow_fsync_time_share`` (the share of the slow samples' time spent beside
 such a commit), ``*_client_stalls``, ``*_run_delay_s_per_s`` (seconds per second the deployment's
 threads sat runnable without a CPU: other work on the machine) and ``*_load`` (1-minute load
 average at the end of the open loop).
@@ -123,6 +124,24 @@ class LoopWatch:
             self.max_ms = max(self.max_ms, late_s * 1000)
             if late_s * 1000 >= CLIENT_STALL_MS:
                 self.stalls.append((time.time() - late_s - LAG_TICK_S, late_s * 1000))
+
+
+async def ping_loop(sessions: list, rtts_s: list[float], running: list[bool], every_s: float = 0.1) -> None:
+    """Ping → pong on a few sessions while the open loop runs: the gateway's own responsiveness
+    (no engine or ledger on that path), beside the deposits' latency, which has both."""
+
+    async def one(session: Any) -> None:
+        while running[0]:
+            before = time.perf_counter()
+            try:
+                await session.barrier(timeout_s=30)
+            except TimeoutError:
+                rtts_s.append(30.0)
+                continue
+            rtts_s.append(time.perf_counter() - before)
+            await asyncio.sleep(every_s)
+
+    await asyncio.gather(*(one(session) for session in sessions))
 
 
 async def open_sessions(clients: list[Client], wave: int = 50) -> list:
@@ -256,8 +275,13 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
     target = rate * cfg["fraction"]
     say(f"  open loop at {target:,.0f}/s for {cfg['seconds']:g} s")
     cpu_before = time.process_time()
+    pongs_s: list[float] = []
+    pinging = [True]
+    pinger = asyncio.ensure_future(ping_loop(sessions[:cfg["pingers"]], pongs_s, pinging))
     schedule = await open_loop(boss, user_ids, sent, rate_per_s=target, seconds=cfg["seconds"], seed=cfg["seed"])
+    pinging[0] = False
     cpu_used_s = time.process_time() - cpu_before
+    await pinger
     if schedule["tasks"]:
         await asyncio.wait(schedule["tasks"], timeout=cfg["drain_s"])
     expected[0] = sum(1 for s in sent if s.error is None and s.transaction_id is not None)
@@ -277,7 +301,7 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
         "schedule_lag_p99_ms": schedule["schedule_lag_p99_ms"], "schedule_lag_max_ms": schedule["schedule_lag_max_ms"],
         "client_cpu_s": cpu_used_s, "stray": stray, "session_problems": problems[:20],
         "session_problem_count": len(problems), "reconnects": sum(s.reconnects for s in sessions),
-        "loop_stalls": watch.stalls, "loop_max_ms": watch.max_ms,
+        "loop_stalls": watch.stalls, "loop_max_ms": watch.max_ms, "pongs_ms": sorted(1000 * s for s in pongs_s),
         # One row per send: user, wall send time, answer s, 2xx transaction id, error, latency s, update's id.
         "samples": [[s.user_id, s.wall_s, s.answer_s, s.transaction_id, s.error, s.latency_s, s.update_transaction_id]
                     for s in sent],
@@ -471,7 +495,8 @@ def run_mode(name: str, args: argparse.Namespace, workdir: str) -> dict[str, Any
     deployment = MODES[name](home, (*SERVE_ARGS, "--time-scale", f"{args.time_scale:g}"))
     cfg = {"users": args.users, "concurrency": args.concurrency, "warmup_s": args.warmup,
            "saturate_s": args.saturate_seconds, "fraction": args.fraction, "seconds": args.seconds,
-           "drain_s": args.drain, "settle_s": args.settle, "seed": args.seed, "max_clients": args.max_clients}
+           "drain_s": args.drain, "settle_s": args.settle, "seed": args.seed, "max_clients": args.max_clients,
+           "pingers": args.pingers}
     try:
         result, marks = run_client(deployment, cfg)
     finally:
@@ -511,6 +536,9 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"  slow samples {label}: {a['slow']}; during a commit ≥ {args.stall_ms:g} ms of the account's ledger "
               f"{a['on_fsync']}, during a client loop stall ≥ {CLIENT_STALL_MS:g} ms {a['on_client_stall']}, "
               f"during neither {a['neither']}; {a['fsync_time_share']:.0%} of their time was beside such a commit")
+    pongs = r["pongs_ms"]
+    print(f"  ping → pong on {args.pingers} sessions meanwhile (the gateway alone): p50 {percentile(pongs, 50):.1f} ms, "
+          f"p99 {percentile(pongs, 99):.1f} ms, max {max(pongs, default=float('nan')):.1f} ms over {len(pongs)}")
     print(f"  client loop: {len(r['loop_stalls'])} stalls ≥ {CLIENT_STALL_MS:g} ms, the longest {r['loop_max_ms']:.1f} ms")
     print("  cores used over the open loop: " + ", ".join(f"{role} {c:.2f}" for role, c in f["open_cores"].items())
           + "; while saturated: " + ", ".join(f"{role} {c:.2f}" for role, c in f["saturate_cores"].items()))
@@ -538,6 +566,7 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=10, help="s after the last send before a sample is lost")
     parser.add_argument("--settle", type=float, default=2, help="s of rest between the closed and the open loop")
     parser.add_argument("--seed", type=int, default=16)
+    parser.add_argument("--pingers", type=int, default=10, help="sessions that ping every 0.1 s during the open loop")
     parser.add_argument("--max-clients", type=int, default=512,
                         help="HTTP connections the client may open: above the open loop's in-flight count, so "
                              "no send queues in the client")
@@ -572,6 +601,7 @@ def main() -> None:
                 f"{name}_stalls": f["stalls"], f"{name}_stall_max_ms": round(f["stall_max_ms"], 1),
                 f"{name}_slow_fsync_time_share": round(f["over_slow"]["fsync_time_share"], 3),
                 f"{name}_client_stalls": len(f["result"]["loop_stalls"]),
+                f"{name}_pong_p99_ms": round(percentile(f["result"]["pongs_ms"], 99), 1),
                 # Seconds per second the deployment's threads (all roles, summed) sat runnable without a CPU.
                 f"{name}_run_delay_s_per_s": round(sum(d for role, d in f["open_delay"].items() if role != "client"), 2),
                 f"{name}_load": f["load_1m"],
