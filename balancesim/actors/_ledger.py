@@ -302,19 +302,23 @@ COMMIT_LOG_MS_ENV = "BALANCESIM_COMMIT_LOG_MS"
 
 
 class CommitLog:
-    """Slow group commits, one line each: ``wall_start_s duration_ms rows ledger pid``.
+    """Slow group commits, one line each: ``wall_start_s duration_ms rows ledger pid cpu_ms runq_ms``.
 
     ``wall_start_s`` is ``time.time()`` (wall clock, so lines from several processes and
     a client's timestamps can be laid side by side), ``duration_ms`` the whole
     transaction (its inserts and the COMMIT with its fsyncs), ``rows`` the submissions
-    committed, ``ledger`` the file's base name (``shard-1.db``). The file is opened for
+    committed, ``ledger`` the file's base name (``shard-1.db``). Of the duration, the
+    writer thread spent ``cpu_ms`` on a CPU and ``runq_ms`` runnable but waiting for one
+    (its ``/proc/thread-self/schedstat``); the rest it was blocked, which for a commit is
+    mostly the disk. ``-1`` for both where schedstat is missing. The file is opened for
     appending and each line is one ``write``, so several shards may share it.
     """
 
     def __init__(self, path: str, ledger: str, min_ms: float) -> None:
         self._file = open(path, "a", buffering=1)  # line-buffered: one write(2) per line
-        self._tail = f" {os.path.basename(ledger)} {os.getpid()}\n"
+        self._tail = f" {os.path.basename(ledger)} {os.getpid()}"
         self.min_s = min_ms / 1000
+        self._schedstat: int | None = None  # opened on the writer thread: thread-self is whoever opens it
 
     @classmethod
     def from_env(cls, ledger: str) -> CommitLog | None:
@@ -324,11 +328,37 @@ class CommitLog:
             return None
         return cls(path, ledger, float(os.environ.get(COMMIT_LOG_MS_ENV, "10")))
 
-    def write(self, wall_start_s: float, duration_s: float, rows: int) -> None:
-        self._file.write(f"{wall_start_s:.6f} {duration_s * 1000:.3f} {rows}{self._tail}")
+    def _thread_times_ns(self) -> tuple[int, int]:
+        """The calling thread's (ns on a CPU, ns waiting for one) so far; (-1, -1) where unknown.
+
+        CPU from the thread's clock, which is exact; schedstat's own CPU field lags for a
+        running thread. Its wait field is whole: a running thread is not waiting.
+        """
+        try:
+            if self._schedstat is None:
+                self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            waiting = os.pread(self._schedstat, 128, 0).split()[1]
+            return time.thread_time_ns(), int(waiting)
+        except (OSError, ValueError, IndexError):
+            return -1, -1
+
+    def begin(self) -> tuple[float, float, int, int]:
+        """Call on the writer thread before a commit; hand the result to ``end``."""
+        return (time.time(), time.perf_counter(), *self._thread_times_ns())
+
+    def end(self, began: tuple[float, float, int, int], rows: int) -> None:
+        """After the commit: one line if it took ``min_s`` or more."""
+        wall_start_s, started_s, cpu_ns, runq_ns = began
+        if (spent_s := time.perf_counter() - started_s) < self.min_s:
+            return
+        cpu_now_ns, runq_now_ns = self._thread_times_ns()
+        cpu_ms, runq_ms = ((cpu_now_ns - cpu_ns) / 1e6, (runq_now_ns - runq_ns) / 1e6) if cpu_ns >= 0 else (-1, -1)
+        self._file.write(f"{wall_start_s:.6f} {spent_s * 1000:.3f} {rows}{self._tail} {cpu_ms:.3f} {runq_ms:.3f}\n")
 
     def close(self) -> None:
         self._file.close()
+        if self._schedstat is not None:
+            os.close(self._schedstat)
 
 
 class Ledger:
@@ -465,16 +495,15 @@ class Ledger:
                 barriers.append(item)
         first_tx_seq = self._next_tx_seq
         commit_log = self._commit_log
-        if commit_log is not None:
-            wall_start_s, started_s = time.time(), time.perf_counter()  # wall to correlate, perf to measure
+        began = commit_log.begin() if commit_log is not None else None
         try:
             outcomes = self._write(accepted)
         except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
             self._next_tx_seq = first_tx_seq
             self._fail(accepted, error)
         else:
-            if commit_log is not None and (spent_s := time.perf_counter() - started_s) >= commit_log.min_s:
-                commit_log.write(wall_start_s, spent_s, len(accepted))
+            if commit_log is not None and began is not None:
+                commit_log.end(began, len(accepted))
             self.commits += 1
             self.committed_submissions += len(accepted)
             events = [event for outcome in outcomes if type(outcome) is tuple for event in outcome]
