@@ -27,7 +27,9 @@ Issue 16's tail-latency benchmark. For each mode in turn, in the same run (the e
 Then, per mode, the slow samples (over ``--slow-ms``, and over the p99) are laid beside
 (a) the commits of the account's own ledger that took ``--stall-ms`` or more, (b) the client
 process's own event-loop stalls of 20 ms or more (a late wake-up of a 5 ms sleep), and
-counted by which of them overlap the sample's interval [send, receipt]. The CPU each role
+counted by which of them overlap the sample's interval [send, receipt]. Each logged commit also
+says how long its writer thread ran and waited for a CPU; the rest it was blocked, on the disk:
+on a shared machine, a "slow commit" may be a descheduled writer, not an fsync. The CPU each role
 used over the open loop (from ``/proc``; the client process too) says whether a process
 was near one core, where latency becomes queueing.
 
@@ -35,8 +37,10 @@ The last line is JSON: ``{"embedded_rate", "embedded_p50_ms", "embedded_p99_ms",
 "cluster_rate", "cluster_p50_ms", "cluster_p99_ms", …}``; ``*_rate`` is the open loop's
 achieved send rate (deposits/s), and the other keys per mode are ``*_saturated_rate``,
 ``*_p90_ms``, ``*_max_ms``, ``*_count``, ``*_lost``, ``*_late``, ``*_http_errors``,
-``*_slow``, ``*_slow_on_fsync``, ``*_slow_on_client_stall``, ``*_over_p99``,
+``*_slow``, ``*_slow_on_fsync``, ``*_slow_on_disk_stall`` (beside such a commit that was mostly
+blocked, not running or waiting for a CPU), ``*_slow_on_client_stall``, ``*_over_p99``,
 ``*_over_p99_on_fsync``, ``*_stalls`` (commits ≥ ``--stall-ms`` during the open loop),
+``*_disk_stalls`` (those mostly blocked),
 ``*_stall_max_ms``, ``*_pong_p99_ms`` (ping → pong on ``--pingers`` sessions meanwhile: the
 gateway's loop without the engine), ``*_slow_fsync_time_share`` (the share of the slow samples' time spent beside
 such a commit), ``*_client_stalls``, ``*_run_delay_s_per_s`` (seconds per second the deployment's
@@ -319,20 +323,33 @@ class Stall:
     ms: float
     rows: int
     ledger: str
+    cpu_ms: float  # the writer thread on a CPU meanwhile (-1: unknown)
+    runq_ms: float  # the writer thread runnable but without a CPU (-1: unknown)
 
     @property
     def end_s(self) -> float:
         return self.start_s + self.ms / 1000
 
+    @property
+    def blocked_ms(self) -> float:
+        """Neither running nor waiting to run: blocked, for a commit mostly on the disk (fsync)."""
+        return self.ms - max(0.0, self.cpu_ms) - max(0.0, self.runq_ms)
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether most of it was blocked (the disk's doing) rather than waiting for a CPU or running."""
+        return self.blocked_ms >= self.ms / 2
+
 
 def read_stalls(path: str) -> list[Stall]:
-    """The commit log's lines (``wall_start_s duration_ms rows ledger pid``); none if no commit was slow."""
+    """The commit log's lines (``wall_start_s duration_ms rows ledger pid cpu_ms runq_ms``); none if no
+    commit was slow."""
     try:
         with open(path) as log:
             rows = [line.split() for line in log if line.strip()]
     except FileNotFoundError:
         return []
-    return [Stall(float(r[0]), float(r[1]), int(r[2]), r[3]) for r in rows]
+    return [Stall(float(r[0]), float(r[1]), int(r[2]), r[3], float(r[5]), float(r[6])) for r in rows]
 
 
 def ledger_of(mode: str, transaction_id: int | None) -> str | None:
@@ -436,18 +453,23 @@ def analyse(mode: str, result: dict[str, Any], stalls: list[Stall], args: argpar
     p99_ms = percentile(latencies_ms, 99)
     window = [s for s in stalls if first_wall_s - 1 <= s.start_s <= last_wall_s + args.drain]
     by_ledger: dict[str, list[tuple[float, float]]] = {}
+    disk_by_ledger: dict[str, list[tuple[float, float]]] = {}
     for s in window:
         by_ledger.setdefault(s.ledger, []).append((s.start_s, s.end_s))
+        if s.on_disk:
+            disk_by_ledger.setdefault(s.ledger, []).append((s.start_s, s.end_s))
     client_spans = [(start, start + ms / 1000) for start, ms in result["loop_stalls"]]
 
     def attribute(threshold_ms: float) -> dict[str, Any]:
         slow = [r for r in delivered if r[5] * 1000 > threshold_ms]
-        fsync = client = neither = 0
+        fsync = disk = client = neither = 0
         slow_s = stalled_s = 0.0
         for r in slow:
             span = (r[1], r[1] + r[5])
-            stalls_of_ledger = by_ledger.get(ledger_of(mode, r[3]) or "", [])
+            ledger = ledger_of(mode, r[3]) or ""
+            stalls_of_ledger = by_ledger.get(ledger, [])
             on_fsync = overlaps(*span, stalls_of_ledger)
+            disk += overlaps(*span, disk_by_ledger.get(ledger, []))
             on_client = overlaps(*span, client_spans)
             fsync += on_fsync
             client += on_client
@@ -455,7 +477,7 @@ def analyse(mode: str, result: dict[str, Any], stalls: list[Stall], args: argpar
             slow_s += r[5]
             stalled_s += overlap_s(*span, stalls_of_ledger)
         # A long sample overlaps some stall by chance: the share of its time spent beside one says more.
-        return {"slow": len(slow), "on_fsync": fsync, "on_client_stall": client, "neither": neither,
+        return {"slow": len(slow), "on_fsync": fsync, "on_disk": disk, "on_client_stall": client, "neither": neither,
                 "fsync_time_share": stalled_s / slow_s if slow_s else 0.0}
 
     slices: list[tuple[float, float]] = []
@@ -466,6 +488,7 @@ def analyse(mode: str, result: dict[str, Any], stalls: list[Stall], args: argpar
         slices.append((percentile(part, 50), percentile(part, 99)))
 
     stall_ms = sorted(s.ms for s in window)
+    total_ms = sum(stall_ms) or 1.0
     span_s = max(1e-9, last_wall_s - first_wall_s)
     return {
         "sent": len(rows), "answered": len(answered), "http_errors": len(rows) - len(answered),
@@ -480,7 +503,10 @@ def analyse(mode: str, result: dict[str, Any], stalls: list[Stall], args: argpar
         "stalls": len(window), "stall_max_ms": stall_ms[-1] if stall_ms else 0.0,
         "stall_p50_ms": percentile(stall_ms, 50) if stall_ms else 0.0,
         "stall_share": sum(stall_ms) / 1000 / span_s / max(1, len(by_ledger)),
-        "stall_ledgers": sorted(by_ledger), "slices": slices,
+        "stall_ledgers": sorted(by_ledger), "slices": slices, "disk_stalls": sum(s.on_disk for s in window),
+        "stall_split": {"on a CPU": sum(max(0.0, s.cpu_ms) for s in window) / total_ms,
+                        "waiting for a CPU": sum(max(0.0, s.runq_ms) for s in window) / total_ms,
+                        "blocked (disk)": sum(s.blocked_ms for s in window) / total_ms},
     }
 
 
@@ -531,10 +557,13 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
           f"max {r['schedule_lag_max_ms']:.1f} ms")
     print(f"  commits ≥ {args.stall_ms:g} ms (fsync stalls) over the open loop: {f['stalls']} on "
           f"{', '.join(f['stall_ledgers']) or 'no ledger'}, p50 {f['stall_p50_ms']:.1f} ms, max {f['stall_max_ms']:.1f} ms, "
-          f"{f['stall_share']:.1%} of each ledger's time")
+          f"{f['stall_share']:.1%} of each ledger's time; of their time the writer thread was "
+          + ", ".join(f"{what} {share:.0%}" for what, share in f["stall_split"].items())
+          + f"; {f['disk_stalls']} were mostly blocked (disk)")
     for label, a in ((f"> {args.slow_ms:g} ms", f["over_slow"]), (f"> p99 ({f['p99_ms']:.1f} ms)", f["over_p99"])):
         print(f"  slow samples {label}: {a['slow']}; during a commit ≥ {args.stall_ms:g} ms of the account's ledger "
-              f"{a['on_fsync']}, during a client loop stall ≥ {CLIENT_STALL_MS:g} ms {a['on_client_stall']}, "
+              f"{a['on_fsync']} (of which beside one mostly blocked on the disk: {a['on_disk']}), "
+              f"during a client loop stall ≥ {CLIENT_STALL_MS:g} ms {a['on_client_stall']}, "
               f"during neither {a['neither']}; {a['fsync_time_share']:.0%} of their time was beside such a commit")
     pongs = r["pongs_ms"]
     print(f"  ping → pong on {args.pingers} sessions meanwhile (the gateway alone): p50 {percentile(pongs, 50):.1f} ms, "
@@ -597,8 +626,9 @@ def main() -> None:
                 f"{name}_http_errors": f["http_errors"], f"{name}_slow": f["over_slow"]["slow"],
                 f"{name}_slow_on_fsync": f["over_slow"]["on_fsync"],
                 f"{name}_slow_on_client_stall": f["over_slow"]["on_client_stall"],
+                f"{name}_slow_on_disk_stall": f["over_slow"]["on_disk"],
                 f"{name}_over_p99": f["over_p99"]["slow"], f"{name}_over_p99_on_fsync": f["over_p99"]["on_fsync"],
-                f"{name}_stalls": f["stalls"], f"{name}_stall_max_ms": round(f["stall_max_ms"], 1),
+                f"{name}_stalls": f["stalls"], f"{name}_disk_stalls": f["disk_stalls"], f"{name}_stall_max_ms": round(f["stall_max_ms"], 1),
                 f"{name}_slow_fsync_time_share": round(f["over_slow"]["fsync_time_share"], 3),
                 f"{name}_client_stalls": len(f["result"]["loop_stalls"]),
                 f"{name}_pong_p99_ms": round(percentile(f["result"]["pongs_ms"], 99), 1),
