@@ -227,7 +227,7 @@ async def open_loop(boss: Client, user_ids: list[int], sent: list[Sent], *, rate
     mark("open_end")
     schedule_lag_s.sort()
     return {"elapsed_s": elapsed_s, "max_in_flight": max_in_flight, "tasks": tasks,
-            "schedule_lag_p99_ms": 1000 * schedule_lag_s[int(0.99 * (len(schedule_lag_s) - 1))] if schedule_lag_s else 0.0,
+            "schedule_lag_p99_ms": 1000 * percentile(schedule_lag_s, 99) if schedule_lag_s else 0.0,
             "schedule_lag_max_ms": 1000 * schedule_lag_s[-1] if schedule_lag_s else 0.0}
 
 
@@ -556,7 +556,8 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
           f"most in flight {r['max_in_flight']}, send schedule lag p99 {r['schedule_lag_p99_ms']:.1f} ms, "
           f"max {r['schedule_lag_max_ms']:.1f} ms")
     print(f"  commits ≥ {args.stall_ms:g} ms (fsync stalls) over the open loop: {f['stalls']} on "
-          f"{', '.join(f['stall_ledgers']) or 'no ledger'}, p50 {f['stall_p50_ms']:.1f} ms, max {f['stall_max_ms']:.1f} ms, "
+          f"{', '.join(f['stall_ledgers']) or 'no ledger'}, p50 {f['stall_p50_ms']:.1f} ms, "
+          f"max {f['stall_max_ms']:.1f} ms, "
           f"{f['stall_share']:.1%} of each ledger's time; of their time the writer thread was "
           + ", ".join(f"{what} {share:.0%}" for what, share in f["stall_split"].items())
           + f"; {f['disk_stalls']} were mostly blocked (disk)")
@@ -566,9 +567,11 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
               f"during a client loop stall ≥ {CLIENT_STALL_MS:g} ms {a['on_client_stall']}, "
               f"during neither {a['neither']}; {a['fsync_time_share']:.0%} of their time was beside such a commit")
     pongs = r["pongs_ms"]
-    print(f"  ping → pong on {args.pingers} sessions meanwhile (the gateway alone): p50 {percentile(pongs, 50):.1f} ms, "
+    print(f"  ping → pong on {args.pingers} sessions meanwhile (the gateway alone): "
+          f"p50 {percentile(pongs, 50):.1f} ms, "
           f"p99 {percentile(pongs, 99):.1f} ms, max {max(pongs, default=float('nan')):.1f} ms over {len(pongs)}")
-    print(f"  client loop: {len(r['loop_stalls'])} stalls ≥ {CLIENT_STALL_MS:g} ms, the longest {r['loop_max_ms']:.1f} ms")
+    print(f"  client loop: {len(r['loop_stalls'])} stalls ≥ {CLIENT_STALL_MS:g} ms, "
+          f"the longest {r['loop_max_ms']:.1f} ms")
     print("  cores used over the open loop: " + ", ".join(f"{role} {c:.2f}" for role, c in f["open_cores"].items())
           + "; while saturated: " + ", ".join(f"{role} {c:.2f}" for role, c in f["saturate_cores"].items()))
     print("  waiting for a CPU over the open loop (run-queue delay, s per s, all threads): "
@@ -628,12 +631,14 @@ def main() -> None:
                 f"{name}_slow_on_client_stall": f["over_slow"]["on_client_stall"],
                 f"{name}_slow_on_disk_stall": f["over_slow"]["on_disk"],
                 f"{name}_over_p99": f["over_p99"]["slow"], f"{name}_over_p99_on_fsync": f["over_p99"]["on_fsync"],
-                f"{name}_stalls": f["stalls"], f"{name}_disk_stalls": f["disk_stalls"], f"{name}_stall_max_ms": round(f["stall_max_ms"], 1),
+                f"{name}_stalls": f["stalls"], f"{name}_disk_stalls": f["disk_stalls"],
+                f"{name}_stall_max_ms": round(f["stall_max_ms"], 1),
                 f"{name}_slow_fsync_time_share": round(f["over_slow"]["fsync_time_share"], 3),
                 f"{name}_client_stalls": len(f["result"]["loop_stalls"]),
                 f"{name}_pong_p99_ms": round(percentile(f["result"]["pongs_ms"], 99), 1),
                 # Seconds per second the deployment's threads (all roles, summed) sat runnable without a CPU.
-                f"{name}_run_delay_s_per_s": round(sum(d for role, d in f["open_delay"].items() if role != "client"), 2),
+                f"{name}_run_delay_s_per_s": round(sum(d for role, d in f["open_delay"].items()
+                                                       if role != "client"), 2),
                 f"{name}_load": f["load_1m"],
             })
     if "cluster_p99_ms" in out:
