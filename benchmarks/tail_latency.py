@@ -21,7 +21,11 @@ Issue 16's tail-latency benchmark. For each mode in turn, in the same run (the e
    unique ``description``. Its latency runs from the send to the owner's session receiving
    the ``balance_update`` with that description (its ``transaction_id`` is checked against
    the HTTP answer's). A deposit answered 2xx whose update has not come ``--drain`` s after
-   the last send is *lost*; one that came after more than ``--late-ms`` is *late*;
+   the last send is *lost*; one that came after more than ``--late-ms`` is *late*. If more
+   than a second's worth of sends was ever in flight at once, the run is flagged
+   *overloaded*: the deployment fell behind (on a shared machine, its capacity drifts), and
+   the figures are queueing. The closed loop runs once more afterwards, so the report shows
+   the capacity on both sides of the open loop;
 5. stop the deployment (SIGTERM, drain) and run ``ledger verify`` on its ledgers.
 
 Then, per mode, the slow samples (over ``--slow-ms``, and over the p99) are laid beside
@@ -36,6 +40,8 @@ was near one core, where latency becomes queueing.
 The last line is JSON: ``{"embedded_rate", "embedded_p50_ms", "embedded_p99_ms",
 "cluster_rate", "cluster_p50_ms", "cluster_p99_ms", …}``; ``*_rate`` is the open loop's
 achieved send rate (deposits/s), and the other keys per mode are ``*_saturated_rate``,
+``*_saturated_rate_after``, ``*_overloaded``, ``*_cpu_us_open`` and ``*_cpu_us_saturated`` (CPU µs
+per deposit of the whole deployment, in each loop),
 ``*_p90_ms``, ``*_max_ms``, ``*_count``, ``*_lost``, ``*_late``, ``*_http_errors``,
 ``*_slow``, ``*_slow_on_fsync``, ``*_slow_on_disk_stall`` (beside such a commit that was mostly
 blocked, not running or waiting for a CPU), ``*_slow_on_client_stall``, ``*_over_p99``,
@@ -157,8 +163,11 @@ async def open_sessions(clients: list[Client], wave: int = 50) -> list:
 
 
 async def closed_loop(boss: Client, user_ids: list[int], *, concurrency: int, warmup_s: float,
-                      seconds: float) -> tuple[float, int]:
-    """Saturate: ``concurrency`` deposits always in flight; (2xx/s over the timed part, errors)."""
+                      seconds: float, label: str = "saturate") -> tuple[float, int]:
+    """Saturate: ``concurrency`` deposits always in flight; (2xx/s over the timed part, errors).
+
+    Marks ``<label>_start`` and ``<label>_end`` around the timed part.
+    """
     begin = time.perf_counter()
     timed_from, until = begin + warmup_s, begin + warmup_s + seconds
     ok, errors = 0, 0
@@ -170,7 +179,7 @@ async def closed_loop(boss: Client, user_ids: list[int], *, concurrency: int, wa
         while (now := time.perf_counter()) < until:
             if now >= timed_from and not marked:
                 marked = True
-                mark("saturate_start")
+                mark(f"{label}_start")
             n += concurrency
             try:
                 await boss.deposit(user_ids[n % len(user_ids)], "1", description="saturate")
@@ -181,7 +190,7 @@ async def closed_loop(boss: Client, user_ids: list[int], *, concurrency: int, wa
                 ok += 1
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    mark("saturate_end")
+    mark(f"{label}_end")
     return ok / seconds, errors
 
 
@@ -296,11 +305,17 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
             pass
     watch.running = False
     await watcher
+    # Again, now: on a shared machine the capacity drifts, and an open loop that outran the
+    # deployment measures queueing. The two rates bracket what the open loop had to work with.
+    rate_after, _ = await closed_loop(boss, user_ids, concurrency=cfg["concurrency"], warmup_s=cfg["warmup_s"] / 2,
+                                      seconds=cfg["saturate_s"], label="resaturate")
+    say(f"  saturated again after the open loop: {rate_after:,.0f} deposits/s")
     problems = [p for session in sessions for p in session.problems]
     for session in sessions:
         await session.close()
     return {
         "saturated_rate": rate, "saturate_errors": saturate_errors, "target_rate": target,
+        "saturated_rate_after": rate_after,
         "elapsed_s": schedule["elapsed_s"], "max_in_flight": schedule["max_in_flight"],
         "schedule_lag_p99_ms": schedule["schedule_lag_p99_ms"], "schedule_lag_max_ms": schedule["schedule_lag_max_ms"],
         "client_cpu_s": cpu_used_s, "stray": stray, "session_problems": problems[:20],
@@ -510,6 +525,11 @@ def analyse(mode: str, result: dict[str, Any], stalls: list[Stall], args: argpar
     }
 
 
+def deployment_cores(cores_by_role: dict[str, float]) -> float:
+    """The cores of every role but the client's, summed."""
+    return sum(c for role, c in cores_by_role.items() if role != "client")
+
+
 def run_mode(name: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """Start ``name``'s deployment with the commit log on, run the clients, stop it, check its ledgers."""
     home = os.path.join(workdir, name)
@@ -533,12 +553,16 @@ def run_mode(name: str, args: argparse.Namespace, workdir: str) -> dict[str, Any
         problems.append(f"the deployment exited {code} on SIGTERM")
     problems += [f"session: {p}" for p in result["session_problems"]]
     figures = analyse(name, result, read_stalls(commit_log), args)
-    figures.update(name=name, result=result, problems=problems,
-                   open_cores=per_s(marks, "open_start", "open_end", "cpu_s"),
+    open_cores = per_s(marks, "open_start", "open_end", "cpu_s")
+    saturate_cores = per_s(marks, "saturate_start", "saturate_end", "cpu_s")
+    figures.update(name=name, result=result, problems=problems, open_cores=open_cores, saturate_cores=saturate_cores,
                    open_delay=per_s(marks, "open_start", "open_end", "delay_s"),
-                   saturate_cores=per_s(marks, "saturate_start", "saturate_end", "cpu_s"),
                    load=(marks["open_start"].load, marks["open_end"].load),
-                   load_1m=float(marks["open_end"].load.split()[1].split("/")[0]))
+                   load_1m=float(marks["open_end"].load.split()[1].split("/")[0]),
+                   cpu_us_open=deployment_cores(open_cores) * 1e6 / max(1e-9, figures["rate"]),
+                   cpu_us_saturated=deployment_cores(saturate_cores) * 1e6 / max(1e-9, result["saturated_rate"]),
+                   # Little's law: more than a second's sends outstanding means a mean wait over a second.
+                   overloaded=result["max_in_flight"] > result["target_rate"] * 1.0)
     return figures
 
 
@@ -552,6 +576,11 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
           f"lost {f['lost']}, late (> {args.late_ms:g} ms) {f['late']}, HTTP errors {f['http_errors']}"
           + (f" (first: {f['error_sample']})" if f["error_sample"] else "")
           + (f", {f['mismatched']} with a transaction id other than the answer's" if f["mismatched"] else ""))
+    if f["overloaded"]:
+        print(f"  OVERLOADED: {r['max_in_flight']} deposits in flight at once, over a second's worth at "
+              f"{r['target_rate']:,.0f}/s: the deployment fell behind the open loop (it saturated at "
+              f"{r['saturated_rate']:,.0f}/s before and {r['saturated_rate_after']:,.0f}/s after), so these "
+              f"figures are queueing, not the tail at half load")
     print(f"  deposit sent → its 201: p50 {f['answer_p50_ms']:.1f} ms, p99 {f['answer_p99_ms']:.1f} ms; "
           f"most in flight {r['max_in_flight']}, send schedule lag p99 {r['schedule_lag_p99_ms']:.1f} ms, "
           f"max {r['schedule_lag_max_ms']:.1f} ms")
@@ -574,6 +603,9 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
           f"the longest {r['loop_max_ms']:.1f} ms")
     print("  cores used over the open loop: " + ", ".join(f"{role} {c:.2f}" for role, c in f["open_cores"].items())
           + "; while saturated: " + ", ".join(f"{role} {c:.2f}" for role, c in f["saturate_cores"].items()))
+    print(f"  CPU per deposit, all the deployment's processes: {f['cpu_us_open']:,.0f} µs in the open loop, "
+          f"{f['cpu_us_saturated']:,.0f} µs saturated (below saturation, each loop wake-up and each group commit "
+          f"serves fewer deposits)")
     print("  waiting for a CPU over the open loop (run-queue delay, s per s, all threads): "
           + ", ".join(f"{role} {d:.2f}" for role, d in f["open_delay"].items()))
     print("  by sixth of the open loop, p50/p99 ms: "
@@ -624,6 +656,9 @@ def main() -> None:
             out.update({
                 f"{name}_rate": round(f["rate"]), f"{name}_p50_ms": round(f["p50_ms"], 1),
                 f"{name}_p99_ms": round(f["p99_ms"], 1), f"{name}_saturated_rate": round(f["result"]["saturated_rate"]),
+                f"{name}_saturated_rate_after": round(f["result"]["saturated_rate_after"]),
+                f"{name}_overloaded": f["overloaded"],
+                f"{name}_cpu_us_open": round(f["cpu_us_open"]), f"{name}_cpu_us_saturated": round(f["cpu_us_saturated"]),
                 f"{name}_p90_ms": round(f["p90_ms"], 1), f"{name}_max_ms": round(f["max_ms"], 1),
                 f"{name}_count": f["count"], f"{name}_lost": f["lost"], f"{name}_late": f["late"],
                 f"{name}_http_errors": f["http_errors"], f"{name}_slow": f["over_slow"]["slow"],
