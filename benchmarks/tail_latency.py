@@ -50,7 +50,8 @@ blocked, not running or waiting for a CPU), ``*_slow_on_client_stall``, ``*_over
 ``*_stall_max_ms``, ``*_pong_p99_ms`` (ping → pong on ``--pingers`` sessions meanwhile: the
 gateway's loop without the engine), ``*_slow_fsync_time_share`` (the share of the slow samples' time spent beside
 such a commit), ``*_client_stalls``, ``*_run_delay_s_per_s`` (seconds per second the deployment's
-threads sat runnable without a CPU: other work on the machine) and ``*_load`` (1-minute load
+threads sat runnable without a CPU: other work on the machine), ``*_wait_per_wakeup_ms``
+(that wait per time one of its threads was put on a CPU: what each hop costs) and ``*_load`` (1-minute load
 average at the end of the open loop).
 Keys of a mode left out by ``--modes`` are absent.
 """
@@ -400,21 +401,23 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
-def run_delay_s(pid: int) -> float:
-    """Seconds ``pid``'s threads have spent runnable but waiting for a CPU (``/proc/PID/task/*/schedstat``,
-    its second field): on a shared machine, the time other people's work took from this process."""
-    total_ns = 0
+def run_delay(pid: int) -> tuple[float, int]:
+    """Seconds ``pid``'s threads have spent runnable but waiting for a CPU, and how many times
+    they were put on one (``/proc/PID/task/*/schedstat``, its second and third fields): on a
+    shared machine, the time other people's work took from this process, and per wake-up."""
+    total_ns, runs = 0, 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        return 0.0
+        return 0.0, 0
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
-                total_ns += int(stat.read().split()[1])
+                fields = stat.read().split()
         except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that ended meanwhile
-    return total_ns / 1e9
+        total_ns, runs = total_ns + int(fields[1]), runs + int(fields[2])
+    return total_ns / 1e9, runs
 
 
 @dataclass
@@ -424,13 +427,16 @@ class Snapshot:
     at_s: float
     cpu_s: dict[str, float]  # per role, and "client"
     delay_s: dict[str, float]  # the same, waiting for a CPU
+    runs: dict[str, float]  # the same, times put on a CPU
     load: str
 
 
 def snapshot(deployment: Deployment, client_pid: int) -> Snapshot:
     roles = {**deployment.roles, "client": [client_pid]}
+    delays = {role: [run_delay(pid) for pid in pids] for role, pids in roles.items()}
     return Snapshot(time.monotonic(), {**role_cpu_s(deployment.roles), "client": cpu_s(client_pid)},
-                    {role: sum(run_delay_s(pid) for pid in pids) for role, pids in roles.items()}, load())
+                    {role: sum(d for d, _ in pairs) for role, pairs in delays.items()},
+                    {role: float(sum(n for _, n in pairs)) for role, pairs in delays.items()}, load())
 
 
 def run_client(deployment: Deployment, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Snapshot]]:
@@ -532,8 +538,8 @@ def analyse(mode: str, result: dict[str, Any], stalls: list[Stall], args: argpar
     }
 
 
-def deployment_cores(cores_by_role: dict[str, float]) -> float:
-    """The cores of every role but the client's, summed."""
+def deployment_sum(cores_by_role: dict[str, float]) -> float:
+    """A per-role figure (cores, waits) summed over the deployment's roles, the client left out."""
     return sum(c for role, c in cores_by_role.items() if role != "client")
 
 
@@ -564,10 +570,17 @@ def run_mode(name: str, args: argparse.Namespace, workdir: str) -> dict[str, Any
     saturate_cores = per_s(marks, "saturate_start", "saturate_end", "cpu_s")
     figures.update(name=name, result=result, problems=problems, open_cores=open_cores, saturate_cores=saturate_cores,
                    open_delay=per_s(marks, "open_start", "open_end", "delay_s"),
+                   # Mean wait for a CPU per time a thread was put on one: what each hop of a
+                   # request (a process or thread waking up) costs on this machine.
+                   wait_per_run_ms={role: 1000 * d / n if n else 0.0 for (role, d), n in zip(
+                       per_s(marks, "open_start", "open_end", "delay_s").items(),
+                       per_s(marks, "open_start", "open_end", "runs").values())},
+                   deployment_wait_per_run_ms=1000 * deployment_sum(per_s(marks, "open_start", "open_end", "delay_s"))
+                   / max(1e-9, deployment_sum(per_s(marks, "open_start", "open_end", "runs"))),
                    load=(marks["open_start"].load, marks["open_end"].load),
                    load_1m=float(marks["open_end"].load.split()[1].split("/")[0]),
-                   cpu_us_open=deployment_cores(open_cores) * 1e6 / max(1e-9, figures["rate"]),
-                   cpu_us_saturated=deployment_cores(saturate_cores) * 1e6 / max(1e-9, result["saturated_rate"]),
+                   cpu_us_open=deployment_sum(open_cores) * 1e6 / max(1e-9, figures["rate"]),
+                   cpu_us_saturated=deployment_sum(saturate_cores) * 1e6 / max(1e-9, result["saturated_rate"]),
                    # Little's law: more than a second's sends outstanding means a mean wait over a second.
                    overloaded=result["max_in_flight"] > result["target_rate"] * 1.0)
     return figures
@@ -614,7 +627,8 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
           f"{f['cpu_us_saturated']:,.0f} µs saturated (below saturation, each loop wake-up and each group commit "
           f"serves fewer deposits)")
     print("  waiting for a CPU over the open loop (run-queue delay, s per s, all threads): "
-          + ", ".join(f"{role} {d:.2f}" for role, d in f["open_delay"].items()))
+          + ", ".join(f"{role} {d:.2f}" for role, d in f["open_delay"].items())
+          + "; per wake-up, ms: " + ", ".join(f"{role} {w:.2f}" for role, w in f["wait_per_run_ms"].items()))
     print("  by sixth of the open loop, p50/p99 ms: "
           + "; ".join(f"{p50:.0f}/{p99:.0f}" for p50, p99 in f["slices"]))
     if r["reconnects"] or r["stray"]:
@@ -681,6 +695,7 @@ def main() -> None:
                 # Seconds per second the deployment's threads (all roles, summed) sat runnable without a CPU.
                 f"{name}_run_delay_s_per_s": round(sum(d for role, d in f["open_delay"].items()
                                                        if role != "client"), 2),
+                f"{name}_wait_per_wakeup_ms": round(f["deployment_wait_per_run_ms"], 2),
                 f"{name}_load": f["load_1m"],
             })
     if "cluster_p99_ms" in out:
