@@ -69,121 +69,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from balancesim.client import Client, configure_http  # noqa: E402
-from balancesim.serveproc import ServerProcess  # noqa: E402
-from benchmarks._common import emit  # noqa: E402
+from benchmarks._common import (SERVE_ARGS, Deployment, create_users, emit, load, role_cpu_s,  # noqa: E402
+                                roles_below, start_cluster, start_embedded, verify_ledgers)
 from benchmarks.bare_cluster import BareCluster  # noqa: E402
 
-SUPERADMIN = ("superadmin", "superadmin123")  # created by ``serve --demo``
-SERVE_ARGS = ("--demo", "--password-cost", "1024", "--log-level", "warning")  # + --time-scale (see main)
-USER_PASSWORD = "bench-pw"
 WARMUP_DESCRIPTION = "bench warm-up"
 TIMED_DESCRIPTION = "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# -- deployments: what a mode starts ---------------------------------------------------
-
-
-@dataclass
-class Deployment:
-    """A running system under test.
-
-    ``roles`` maps a role (``server``; ``supervisor``, ``gateway``, ``shard``, ``redis``) to the pids
-    whose CPU is charged to it; ``ledgers`` are the SQLite files that hold its deposits.
-    """
-
-    url: str
-    roles: dict[str, list[int]]
-    ledgers: list[str]
-    stop: Callable[[], int]
-    log: Callable[[], str] = field(default=lambda: "")
-
-
-def start_embedded(workdir: str, serve_args: tuple[str, ...]) -> Deployment:
-    """Today's ``balancesim serve``: one process, one ledger file."""
-    db = os.path.join(workdir, "embedded.db")
-    server = ServerProcess(db, *serve_args).start()
-    assert server.process is not None
-    return Deployment(url=server.url, roles={"server": [server.process.pid]}, ledgers=[db],
-                      stop=server.stop, log=server.log)
-
-
-def process_tree(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (``task/*/children`` of each of its threads)."""
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as children:
-                    kids = [int(child) for child in children.read().split()]
-            except FileNotFoundError:
-                continue
-            found += kids
-            frontier += kids
-    return found
-
-
-def is_balancesim_cli(arg: str) -> bool:
-    """Whether a command-line argument is the module of ``python -m balancesim.cli``."""
-    return arg == "balancesim.cli"
-
-
-def role_of(pid: int, program: Callable[[str], bool] = is_balancesim_cli) -> str | None:
-    """``gateway``, ``shard`` or ``redis`` from a child's name and command line; ``None`` for anything else.
-
-    ``program`` spots the argument after which the role's word comes (``-m balancesim.cli
-    shard …``; for the bare cluster, ``…/bare_cluster.py shard …``).
-    """
-    try:
-        # redis-server rewrites its argv into a title ("/usr/bin/redis-server unixsocket:/…"); comm stays.
-        with open(f"/proc/{pid}/comm") as comm:
-            if comm.read().strip() == "redis-server":
-                return "redis"
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            argv = [arg.decode(errors="replace") for arg in cmdline.read().split(b"\0") if arg]
-    except FileNotFoundError:
-        return None
-    for at, arg in enumerate(argv[:-1]):
-        if program(arg) and argv[at + 1] in ("gateway", "shard"):
-            return argv[at + 1]
-    return None
-
-
-def roles_below(parent: int, expected: dict[str, int], program: Callable[[str], bool] = is_balancesim_cli,
-                what: str = "") -> dict[str, list[int]]:
-    """The pids of each role in ``parent``'s process tree, the parent as ``supervisor``;
-    ``RuntimeError`` unless every role of ``expected`` has exactly that many."""
-    roles: dict[str, list[int]] = {"supervisor": [parent], **{role: [] for role in expected}}
-    for pid in process_tree(parent):
-        if (role := role_of(pid, program)) is not None:
-            roles[role].append(pid)
-    if {role: len(roles[role]) for role in expected} != expected:
-        raise RuntimeError(f"{what}: expected {expected} below pid {parent}, found {roles}")
-    return roles
-
-
-def start_cluster(workdir: str, serve_args: tuple[str, ...]) -> Deployment:
-    """``serve --workers 2 --shards 2``: the ``serve`` parent (the supervisor), two gateways on
-    its shared socket, two shards and its private ``redis-server``, found in its process tree."""
-    data_dir = os.path.join(workdir, "data")
-    server = ServerProcess(None, "--workers", "2", "--shards", "2", *serve_args, data_dir=data_dir).start()
-    try:
-        roles = roles_below(server.pid, {"gateway": 2, "shard": 2, "redis": 1}, what="serve --workers 2 --shards 2")
-    except BaseException:
-        server.stop()
-        raise
-    return Deployment(url=server.url, roles=roles, ledgers=[os.path.join(data_dir, f"shard-{k}.db") for k in range(2)],
-                      stop=server.stop, log=server.log)
+# -- deployments: what a mode starts (embedded and cluster: benchmarks/_common.py) -------
 
 
 def start_bare(workdir: str, serve_args: tuple[str, ...]) -> Deployment:
@@ -204,36 +102,11 @@ def start_bare(workdir: str, serve_args: tuple[str, ...]) -> Deployment:
 # -- what a mode needs besides a deployment: users, a ledger check -------------------------------
 
 
-async def create_users(url: str, count: int) -> tuple[str, list[dict]]:
-    """The superadmin's token, and ``count`` new users, each logged in: ``{user_id, token}``."""
-    configure_http(max_clients=32)
-    boss = await Client.login(url, *SUPERADMIN)
-    users: list[dict] = []
-    for start in range(0, count, 32):
-        names = [f"bench{i:05d}" for i in range(start, min(count, start + 32))]
-        await asyncio.gather(*(boss.create_user(name, USER_PASSWORD) for name in names))
-        clients = await asyncio.gather(*(Client.login(url, name, USER_PASSWORD) for name in names))
-        users += [{"user_id": c.user_id, "token": c.token} for c in clients]
-    assert boss.token is not None
-    return boss.token, users
-
-
 async def fake_users(url: str, count: int) -> tuple[str, list[dict]]:
     """For the bare cluster, which checks no token and knows no accounts: ids 1..``count``
     (spread over its shards by ``id % shards``, as balancesim's ids are by residue class) and
     one token that nothing reads."""
     return "bare", [{"user_id": i, "token": "bare"} for i in range(1, count + 1)]
-
-
-def verify_ledgers(ledgers: list[str]) -> list[str]:
-    """``balancesim ledger verify`` on every file; the failures' reports."""
-    failures = []
-    for path in ledgers:
-        done = subprocess.run([sys.executable, "-m", "balancesim.cli", "ledger", "verify", "--db", path],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            failures.append(f"{path}: exit {done.returncode}: {done.stdout}{done.stderr}".strip())
-    return failures
 
 
 def verify_bare(ledgers: list[str]) -> list[str]:
@@ -286,18 +159,6 @@ HEAD_KEYS = ("embedded_deposits_per_s", "cluster_deposits_per_s", "ratio", "embe
 
 
 # -- CPU accounting ----------------------------------------------------------------------
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) in seconds, from /proc."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name (field 2) may hold spaces; fields after its ')' are fixed.
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
-def role_cpu_s(roles: dict[str, list[int]]) -> dict[str, float]:
-    return {role: sum(cpu_s(pid) for pid in pids) for role, pids in roles.items()}
 
 
 def children_cpu_s() -> float:
@@ -413,11 +274,6 @@ def deposit_entries(ledgers: list[str], description: str) -> int:
             total += db.execute("SELECT count(*) FROM transactions WHERE type = 'deposit' AND description = ?",
                                 (description,)).fetchone()[0]
     return total
-
-
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load {one:.2f}/{five:.2f}"
 
 
 def run_mode(name: str, mode: Mode, args: argparse.Namespace, workdir: str) -> dict:

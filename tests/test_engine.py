@@ -260,3 +260,20 @@ def test_an_account_that_cannot_be_loaded_answers_storage_unavailable_and_recove
         engine.deposit(alice, "1").get(timeout=TIMEOUT_S)
     monkeypatch.setattr(engine.ledger, "load_account", real_load)
     assert engine.deposit(alice, "1").get(timeout=TIMEOUT_S)["transaction"]["balance_after"] == "6"
+
+
+def test_the_commit_log_writes_one_line_per_commit_over_its_threshold(make_engine, monkeypatch, tmp_path):
+    log_path = tmp_path / "commits.log"
+    monkeypatch.setenv("BALANCESIM_COMMIT_LOG", str(log_path))
+    monkeypatch.setenv("BALANCESIM_COMMIT_LOG_MS", "0")  # every commit is "slow"
+    engine = make_engine()
+    user_id = new_user(engine, "logged")
+    engine.deposit(user_id, "1").get(timeout=TIMEOUT_S)
+    engine.stop()
+    lines = [line.split() for line in log_path.read_text().splitlines()]
+    assert lines and all(len(fields) == 7 for fields in lines)
+    wall_start_s, duration_ms, rows = float(lines[-1][0]), float(lines[-1][1]), int(lines[-1][2])
+    cpu_ms, runq_ms = float(lines[-1][5]), float(lines[-1][6])
+    assert wall_start_s > 1e9 and duration_ms >= 0 and rows >= 0
+    assert lines[-1][3] == "ledger.db" and 0 <= cpu_ms and 0 <= runq_ms
+    assert any(int(fields[2]) >= 1 for fields in lines)

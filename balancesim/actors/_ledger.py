@@ -7,6 +7,10 @@ Only after the commit does it publish the events and complete the replies: a
 reply means the entries are on disk. Replies carry ``Confirmed`` records of the
 committed events; the ledger knows nothing of HTTP.
 
+Opt-in, for benchmarks: with ``$BALANCESIM_COMMIT_LOG`` set to a file, the writer appends
+one line per commit that took at least ``$BALANCESIM_COMMIT_LOG_MS`` (default 10) ms, so
+that slow deliveries can be matched to fsync stalls across processes (see ``CommitLog``).
+
 A failed commit fails every submission in the batch and *poisons* the accounts
 involved: their later submissions (decided on top of the failed state) fail too,
 until the account actor has reloaded its state from the ledger and sent a
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -292,6 +297,69 @@ _STOP = object()
 
 log = logging.getLogger(__name__)
 
+COMMIT_LOG_ENV = "BALANCESIM_COMMIT_LOG"
+COMMIT_LOG_MS_ENV = "BALANCESIM_COMMIT_LOG_MS"
+
+
+class CommitLog:
+    """Slow group commits, one line each: ``wall_start_s duration_ms rows ledger pid cpu_ms runq_ms``.
+
+    ``wall_start_s`` is ``time.time()`` (wall clock, so lines from several processes and
+    a client's timestamps can be laid side by side), ``duration_ms`` the whole
+    transaction (its inserts and the COMMIT with its fsyncs), ``rows`` the submissions
+    committed, ``ledger`` the file's base name (``shard-1.db``). Of the duration, the
+    writer thread spent ``cpu_ms`` on a CPU and ``runq_ms`` runnable but waiting for one
+    (its ``/proc/thread-self/schedstat``); the rest it was blocked, which for a commit is
+    mostly the disk. ``-1`` for both where schedstat is missing. The file is opened for
+    appending and each line is one ``write``, so several shards may share it.
+    """
+
+    def __init__(self, path: str, ledger: str, min_ms: float) -> None:
+        self._file = open(path, "a", buffering=1)  # line-buffered: one write(2) per line
+        self._tail = f" {os.path.basename(ledger)} {os.getpid()}"
+        self.min_s = min_ms / 1000
+        self._schedstat: int | None = None  # opened on the writer thread: thread-self is whoever opens it
+
+    @classmethod
+    def from_env(cls, ledger: str) -> CommitLog | None:
+        """The log ``$BALANCESIM_COMMIT_LOG`` asks for, or ``None`` (the default: no cost)."""
+        path = os.environ.get(COMMIT_LOG_ENV)
+        if not path:
+            return None
+        return cls(path, ledger, float(os.environ.get(COMMIT_LOG_MS_ENV, "10")))
+
+    def _thread_times_ns(self) -> tuple[int, int]:
+        """The calling thread's (ns on a CPU, ns waiting for one) so far; (-1, -1) where unknown.
+
+        CPU from the thread's clock, which is exact; schedstat's own CPU field lags for a
+        running thread. Its wait field is whole: a running thread is not waiting.
+        """
+        try:
+            if self._schedstat is None:
+                self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            waiting = os.pread(self._schedstat, 128, 0).split()[1]
+            return time.thread_time_ns(), int(waiting)
+        except (OSError, ValueError, IndexError):
+            return -1, -1
+
+    def begin(self) -> tuple[float, float, int, int]:
+        """Call on the writer thread before a commit; hand the result to ``end``."""
+        return (time.time(), time.perf_counter(), *self._thread_times_ns())
+
+    def end(self, began: tuple[float, float, int, int], rows: int) -> None:
+        """After the commit: one line if it took ``min_s`` or more."""
+        wall_start_s, started_s, cpu_ns, runq_ns = began
+        if (spent_s := time.perf_counter() - started_s) < self.min_s:
+            return
+        cpu_now_ns, runq_now_ns = self._thread_times_ns()
+        cpu_ms, runq_ms = ((cpu_now_ns - cpu_ns) / 1e6, (runq_now_ns - runq_ns) / 1e6) if cpu_ns >= 0 else (-1, -1)
+        self._file.write(f"{wall_start_s:.6f} {spent_s * 1000:.3f} {rows}{self._tail} {cpu_ms:.3f} {runq_ms:.3f}\n")
+
+    def close(self) -> None:
+        self._file.close()
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+
 
 class Ledger:
     """The durable ledger with its group-commit writer and a pool of readers.
@@ -336,6 +404,7 @@ class Ledger:
         self._fault_times: int | None = None
         self.commits = 0
         self.committed_submissions = 0
+        self._commit_log = CommitLog.from_env(path)
         row = self._db.execute("SELECT COALESCE(MAX(transaction_id), 0) FROM transactions").fetchone()
         # Transactions are numbered by a sequence: the id itself in the embedded mode,
         # the shard's own sequence (named into an id by ``ids``) in a shard.
@@ -388,6 +457,8 @@ class Ledger:
         self._queue.put(_STOP)
         self._thread.join()
         self._db.close()
+        if self._commit_log is not None:
+            self._commit_log.close()
         while not self._readers.empty():
             self._readers.get().close()
 
@@ -423,12 +494,16 @@ class Ledger:
             else:
                 barriers.append(item)
         first_tx_seq = self._next_tx_seq
+        commit_log = self._commit_log
+        began = commit_log.begin() if commit_log is not None else None
         try:
             outcomes = self._write(accepted)
         except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
             self._next_tx_seq = first_tx_seq
             self._fail(accepted, error)
         else:
+            if commit_log is not None and began is not None:
+                commit_log.end(began, len(accepted))
             self.commits += 1
             self.committed_submissions += len(accepted)
             events = [event for outcome in outcomes if type(outcome) is tuple for event in outcome]
