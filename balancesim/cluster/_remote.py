@@ -198,9 +198,10 @@ class RemoteEngine:
             self._attempt(shard, "outcome", {"caller": caller, "key": key}, outcome)
 
         def outcome(value: Any, error: BaseException | None) -> None:
-            if error is _LATE or isinstance(error, (errors.Timeout, errors.Unavailable)):
+            if error is _LATE or isinstance(error, (errors.Timeout, _Unsent)):
                 # No answer, no outcome recorded yet, or the query itself not sent: the
                 # command may still have been handed over, so its outcome stays open.
+                # (Any other refusal is the command's own outcome: an expiry says 503.)
                 self.timeouts += 1
                 finish(None, _timeout(shard, key))
             else:
@@ -227,7 +228,7 @@ class RemoteEngine:
             # NotSent: provably not handed over. Unknown: it may have been, so the
             # answer is awaited as for any other.
             if not added.cancelled() and isinstance(added.exception(), NotSent):
-                settle(None, errors.Unavailable(f"shard {shard} cannot be reached: {added.exception()}"))
+                settle(None, _Unsent(f"shard {shard} cannot be reached: {added.exception()}"))
 
         deadline_ms = int((time.time() + self.clock_offset_s + self.timeout_s) * 1000)
         message = pack(self.secret, Call(cid, op, args, replies_stream(self.gateway_id), deadline_ms))
@@ -475,7 +476,14 @@ class RemoteTokens:
         hit = self._cache.get(token)  # type: ignore[arg-type]
         if hit is not None:
             return hit
-        found = await self.engine.call(self.engine._shard_of(owner), "token_check", {"token": token})
+        shard = self.engine._shard_of(owner)
+        try:
+            found = await self.engine.call(shard, "token_check", {"token": token})
+        except errors.Timeout:
+            # The request it guards was not sent anywhere: nothing changed, so 503, not a
+            # 504 (which would leave a mutation's outcome open, and name no key to learn it).
+            raise errors.Unavailable(f"the login could not be checked: shard {shard} did not answer in time; "
+                                     "nothing was done") from None
         if found is None:
             return None
         principal = Principal(**found)
@@ -549,6 +557,10 @@ def wire_gateway(remote: RemoteEngine, tokens: RemoteTokens, hub: Any) -> None:
 
 #: How a call's outcome is handed on: ``(value, None)`` or ``(None, error)``.
 _Done = Callable[[Any, "BaseException | None"], None]
+
+class _Unsent(errors.Unavailable):
+    """``503 unavailable``: the call was provably never handed to Redis."""
+
 
 #: The error a send settles with when no answer came in time (never shown to anyone).
 _LATE = errors.Timeout("no answer in time")
