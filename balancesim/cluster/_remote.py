@@ -88,6 +88,9 @@ class RemoteEngine:
         self.clock_offset_s = 0.0
         self.gaps = 0
         self.timeouts = 0
+        # For metrics: calls handed towards a shard, and calls refused before sending (503).
+        self.calls = 0
+        self.refused = 0
         # Set by the gateway that uses this engine (``wire_gateway``).
         self.on_gap: Callable[[int], None] = lambda shard: None
         self.on_revoked: Callable[[int, str], None] = lambda user_id, digest: None
@@ -127,6 +130,16 @@ class RemoteEngine:
         return sum(self._in_flight)
 
     @property
+    def calls_in_flight_by_shard(self) -> tuple[int, ...]:
+        """Calls in flight, per shard (which shard a pile-up waits on)."""
+        return tuple(self._in_flight)
+
+    @property
+    def messages_lost(self) -> int:
+        """Calls Redis may not have taken (``NotSent`` or ``Unknown``)."""
+        return 0 if self._producer is None else self._producer.unknown + self._producer.not_sent
+
+    @property
     def redis_reconnects(self) -> int:
         """How often this gateway's Redis readers reconnected (or found a stream Redis lost)."""
         return sum(tail.reconnects + tail.resets for tail in self._tails)
@@ -159,12 +172,15 @@ class RemoteEngine:
         if self.health is not None and not self.health.alive(shard):
             # Known down from its heartbeats: say so at once, rather than hand the call to a
             # stream that no one reads and answer 504 a deadline later. Nothing was sent.
+            self.refused += 1
             raise errors.Unavailable(f"shard {shard} is down (no recent heartbeat); nothing was sent")
         if self._in_flight[shard] >= self.max_in_flight:
             busy = errors.Unavailable(f"shard {shard} has {self.max_in_flight} requests in flight; try again")
             busy.retry_after_s = 1  # type: ignore[attr-defined]
+            self.refused += 1
             raise busy
         self._in_flight[shard] += 1
+        self.calls += 1
         try:
             try:
                 return await self._send(shard, op, args)
@@ -193,6 +209,7 @@ class RemoteEngine:
             try:
                 await self._producer.add(commands_stream(shard), {FIELD: message})
             except NotSent as error:
+                self.refused += 1
                 raise errors.Unavailable(f"shard {shard} cannot be reached: {error}") from None
             except Unknown:
                 pass  # it may have been handed over: wait for the answer as for any other
