@@ -358,3 +358,51 @@ def test_a_full_disk_under_one_shard_refuses_its_accounts_alone_and_heals_withou
     assert verified.returncode == 0, verified.stdout + verified.stderr
     history = balancesim("ledger", "history", "--data-dir", data_dir, "--user", str(users[full]), "--json")
     assert [entry["amount"] for entry in json.loads(history.stdout)] == ["100", "3"]
+
+
+# -- the backlog, read from the stream alone (in one process) ---------------------------------
+
+
+def test_a_stalled_shards_backlog_is_read_from_its_stream_and_its_metrics_show_it(tmp_path):
+    import asyncio
+
+    import redis.asyncio
+
+    from balancesim.cluster import ShardMetrics, command_backlog
+    from balancesim.cluster._rpc import FIELD, Call, commands_stream, pack
+    from tests.cluster_harness import SECRET, LocalCluster
+
+    cluster = LocalCluster(str(tmp_path), shards=2).start()
+    try:
+        shard = cluster.shards[1]
+
+        async def scenario() -> None:
+            client = redis.asyncio.Redis.from_url(cluster.redis.url)
+            metrics = ShardMetrics(shard.service, cluster.redis.url)
+            try:
+                assert (await command_backlog(client, 1)).oldest_age_s is None
+                assert shard.stall(2.5).wait(timeout=10)
+                for n in range(3):
+                    call = Call(f"t-{n}", "ping", {}, "bs:reply:t")
+                    await client.xadd(commands_stream(1), {FIELD: pack(SECRET, call)})
+                await asyncio.sleep(0.5)
+                backlog = await command_backlog(client, 1)
+                # The stalled shard read nothing (or one batch it has not acknowledged yet).
+                assert (backlog.waiting or 0) + backlog.pending >= 3 and backlog.oldest_age_s >= 0.3, backlog
+                text = (await metrics.scrape()).decode()
+                assert "balancesim_shard_redis_up 1.0" in text
+                assert "balancesim_shard_oldest_command_age_seconds 0.0" not in text
+                assert (await command_backlog(client, 0)).oldest_age_s is None  # the other shard keeps up
+                deadline = time.monotonic() + WAIT_S
+                while (await command_backlog(client, 1)).oldest_age_s is not None:
+                    assert time.monotonic() < deadline, "the shard did not catch up after its stall"
+                    await asyncio.sleep(0.1)
+                text = (await metrics.scrape()).decode()
+                assert 'balancesim_shard_commands_total{op="ping",outcome="ok"} 3.0' in text, text
+            finally:
+                await metrics.aclose()
+                await client.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()

@@ -40,11 +40,6 @@ class Backlog:
     pending: int
     oldest_age_s: float | None
 
-    @property
-    def empty(self) -> bool:
-        """Nothing waits (a ``waiting`` Redis cannot count is judged by ``oldest_age_s``)."""
-        return self.oldest_age_s is None
-
 
 NOTHING = Backlog(0, 0, None)
 
