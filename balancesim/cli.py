@@ -420,9 +420,12 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, metrics_host: s
 
     try:
         check_ledger(db_path)  # a sentence, not a traceback, for a path it cannot open
-        metrics_sockets = listen(metrics_host, metrics_port)  # a busy port: before anything starts
     except CannotStart as error:
         raise InputError(str(error)) from None
+    try:
+        metrics_sockets = listen(metrics_host, metrics_port)  # a busy port: before anything starts
+    except CannotStart as error:
+        raise InputError(f"--metrics-port: {error}") from None
 
     def ready() -> None:
         click.echo(f"shard {index} of {shards} on {db_path}")
@@ -488,7 +491,7 @@ def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: b
     try:
         metrics_sockets = listen(host, metrics_port) if metrics_port is not None else None
     except CannotStart as error:
-        raise InputError(str(error)) from None
+        raise InputError(f"--metrics-port: {error}") from None
 
     def ready(url: str) -> None:
         click.echo(f"listening on {url}")

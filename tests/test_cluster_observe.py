@@ -406,3 +406,19 @@ def test_a_stalled_shards_backlog_is_read_from_its_stream_and_its_metrics_show_i
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+def test_a_busy_metrics_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    env = {**os.environ, "BALANCESIM_CLUSTER_SECRET": "x" * 40}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        shard = balancesim("shard", "--redis", "unix:///nowhere", "--index", "0", "--shards", "1", "--db",
+                           str(tmp_path / "s.db"), "--metrics-port", port, env=env)
+        gateway = balancesim("gateway", "--redis", "unix:///nowhere", "--port", "0", "--metrics-port", port, env=env)
+    for result in (shard, gateway):
+        assert result.returncode == 2 and result.stderr.startswith("Error: --metrics-port: cannot listen on")
+        assert len(result.stderr.strip().splitlines()) == 1
