@@ -382,16 +382,21 @@ def serve(host: str, port: int, db_path: str | None, time_scale: float, seed: in
 @click.option("--shards", type=click.IntRange(1), required=True, help="The cluster's number of shards S.")
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
               help="This shard's ledger file (DIR/shard-K.db in a data directory).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address for this shard's /metrics (Prometheus text).")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Port for this shard's /metrics (0: any free one; cluster status lists it).")
 @engine_options
 @password_cost_option
 @log_level_option
-def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: float, seed: int | None,
-          password_cost: int, log_level: str) -> None:
+def shard(redis_url: str, index: int, shards: int, db_path: str, metrics_host: str, metrics_port: int,
+          time_scale: float, seed: int | None, password_cost: int, log_level: str) -> None:
     """Run one shard of a cluster until SIGINT/SIGTERM (for a deployment across machines).
 
     The secret comes from $BALANCESIM_CLUSTER_SECRET. The file records its placement
     and index when new, and must agree with --shards and --index after that. Prints
-    "shard K of S on FILE" once it serves.
+    "shard K of S on FILE" once it serves. Its Prometheus metrics are on
+    http://METRICS_HOST:PORT/metrics, an address its heartbeat publishes.
     """
     import asyncio
 
@@ -411,12 +416,16 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
     except SecretError as error:
         raise InputError(str(error)) from None
 
-    from balancesim.gateway._server import CannotStart, check_ledger
+    from balancesim.gateway._server import CannotStart, check_ledger, listen
 
     try:
         check_ledger(db_path)  # a sentence, not a traceback, for a path it cannot open
     except CannotStart as error:
         raise InputError(str(error)) from None
+    try:
+        metrics_sockets = listen(metrics_host, metrics_port)  # a busy port: before anything starts
+    except CannotStart as error:
+        raise InputError(f"--metrics-port: {error}") from None
 
     def ready() -> None:
         click.echo(f"shard {index} of {shards} on {db_path}")
@@ -424,7 +433,8 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
 
     try:
         asyncio.run(run_shard(ShardOptions(redis_url, index, Placement.for_new(shards), db_path, secret,
-                                           time_scale, seed, password_cost), on_ready=ready))
+                                           time_scale, seed, password_cost, metrics_host), on_ready=ready,
+                              metrics_sockets=metrics_sockets))
     except (PlacementError, ShardFileInUse) as error:
         raise InputError(str(error)) from None
     except (OSError, redis.exceptions.RedisError) as error:  # a Redis it cannot reach at start
@@ -442,7 +452,11 @@ def shard(redis_url: str, index: int, shards: int, db_path: str, time_scale: flo
 @click.option("--timeout-s", type=click.FloatRange(0.1, 600), default=5.0, show_default=True,
               help="How long to wait for a shard's answer before asking for the outcome (and as long "
                    "again before answering 504).")
-def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool, timeout_s: float) -> None:
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Also serve /metrics on this port of --host (0: any free one), for gateways that share "
+                   "one port; cluster status lists it. Without it, /metrics is on the gateway's own port.")
+def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: bool, timeout_s: float,
+            metrics_port: int | None) -> None:
     """Run one gateway of a cluster until SIGINT/SIGTERM (for a deployment across machines).
 
     The secret comes from $BALANCESIM_CLUSTER_SECRET. Prints "listening on
@@ -474,6 +488,10 @@ def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: b
             sockets = listen(host, port)
         except CannotStart as error:
             raise InputError(str(error)) from None
+    try:
+        metrics_sockets = listen(host, metrics_port) if metrics_port is not None else None
+    except CannotStart as error:
+        raise InputError(f"--metrics-port: {error}") from None
 
     def ready(url: str) -> None:
         click.echo(f"listening on {url}")
@@ -482,7 +500,7 @@ def gateway(redis_url: str, host: str, port: int, log_level: str, trust_proxy: b
     try:
         asyncio.run(run_gateway(GatewayOptions(redis_url, secret, host, port, timeout_s=timeout_s,
                                                 trust_proxy=trust_proxy), sockets,
-                                on_ready=ready))
+                                on_ready=ready, metrics_sockets=metrics_sockets))
     except TimeoutError as error:  # no shard ever published the placement
         raise InputError(str(error)) from None
 
@@ -497,16 +515,19 @@ def cluster() -> None:
               help="The cluster's Redis, redis://user:pass@host:port.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="The data directory of a cluster started by serve (its Redis URL is there).")
+@click.option("--lagging-after-s", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="A shard whose oldest unhandled command has waited longer than this is lagging.")
 @json_option
-def cluster_status(redis_url: str | None, data_dir: str | None, as_json: bool) -> None:
-    """The live shards and gateways, with their heartbeats; exit 1 when a shard is missing or silent."""
+def cluster_status(redis_url: str | None, data_dir: str | None, lagging_after_s: float, as_json: bool) -> None:
+    """The live shards and gateways, with their heartbeats and command backlogs; exit 1 when
+    a shard is missing or silent (a lagging shard is a problem line, exit 0)."""
     import asyncio
 
     import redis
 
     from balancesim.cluster import PlacementError, placement_of_data_dir
     from balancesim.cluster._processes import cluster_status as status_of
-    from balancesim.cluster._processes import status_problems
+    from balancesim.cluster._processes import status_lags, status_problems
     from balancesim.cluster._supervisor import REDIS_URL_FILE, read_redis_url
 
     if (redis_url is None) == (data_dir is None):
@@ -525,31 +546,45 @@ def cluster_status(redis_url: str | None, data_dir: str | None, as_json: bool) -
             expected = None  # the shards' published placement says it
     assert redis_url is not None
     try:
-        status = asyncio.run(status_of(redis_url))
+        status = asyncio.run(status_of(redis_url, expected, lagging_after_s=lagging_after_s))
     except (OSError, redis.exceptions.RedisError) as error:  # never the URL: it carries the password
         raise InputError(f"cannot reach the cluster's Redis: {error}") from None
     problems = status_problems(status, expected)
+    lags = status_lags(status)
     if as_json:
-        click.echo(json.dumps({"shards": status["shards"], "gateways": status["gateways"]}, indent=2))
+        click.echo(json.dumps({"shards": status["shards"], "gateways": status["gateways"],
+                               "missing_shards": status["missing_shards"], "problems": problems + lags}, indent=2))
     else:
         click.echo(status_table(status, expected))
-    for problem in problems:
+    for problem in problems + lags:
         click.echo(f"problem: {problem}", err=True)
+    # The contract: exit 1 when a shard is missing (or silent: every gateway treats it as
+    # down). A lagging shard still serves, so it is said, not failed on.
     sys.exit(1 if problems else 0)
 
 
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
 def status_table(status: dict[str, Any], expected: int | None) -> str:
-    """``cluster status``'s human form: a table of shards, then one of gateways."""
+    """``cluster status``'s human form: a table of shards (the missing ones too), then one of gateways."""
     shards, gateways = status["shards"], status["gateways"]
     expected = expected if expected is not None else status.get("expected_shards")
+    rows = sorted([*shards, *({**m, "state": "missing"} for m in status.get("missing_shards", []))],
+                  key=lambda s: s["index"])
     lines = [f"shards: {len(shards)} of {expected if expected is not None else '?'}",
-             f"  {'index':<6} {'host':<20} {'pid':>8} {'heartbeat':>10} {'commits/s':>10}"]
-    lines += [f"  {s['index']:<6} {s['host'][:20]:<20} {s['pid']:>8} {s['heartbeat_age_s']:>8.1f} s "
-              f"{s['commits_per_s']:>10}" for s in shards]
+             f"  {'index':<6} {'host':<20} {'pid':>8} {'heartbeat':>10} {'commits/s':>10} {'state':<8} "
+             f"{'waiting':>8} {'oldest':>8}  metrics"]
+    for s in rows:
+        waiting = "?" if s.get("commands_waiting") is None else s["commands_waiting"] + s["commands_pending"]
+        lines.append(f"  {s['index']:<6} {s.get('host', '-')[:20]:<20} {s.get('pid', '-'):>8} "
+                     f"{_age(s.get('heartbeat_age_s')):>10} {s.get('commits_per_s', '-'):>10} {s['state']:<8} "
+                     f"{waiting:>8} {_age(s.get('oldest_command_age_s')):>8}  {s.get('metrics_address') or '-'}")
     lines += [f"gateways: {len(gateways)}",
-              f"  {'address':<28} {'host':<20} {'pid':>8} {'sessions':>9} {'heartbeat':>10}"]
+              f"  {'address':<28} {'host':<20} {'pid':>8} {'sessions':>9} {'heartbeat':>10}  metrics"]
     lines += [f"  {g['address']:<28} {g['host'][:20]:<20} {g['pid']:>8} {g['sessions']:>9} "
-              f"{g['heartbeat_age_s']:>8.1f} s" for g in gateways]
+              f"{_age(g['heartbeat_age_s']):>10}  {g.get('metrics_address') or '-'}" for g in gateways]
     return "\n".join(lines)
 
 

@@ -137,9 +137,14 @@ def test_serve_workers_runs_the_protocol_survives_a_shard_and_drains_on_sigterm(
     assert listed.returncode == 0, listed.stderr
     status = json.loads(listed.stdout)
     assert [s["index"] for s in status["shards"]] == [0, 1] and len(status["gateways"]) == 2
-    assert set(status) == {"shards", "gateways"}
-    assert set(status["shards"][0]) == {"index", "host", "pid", "heartbeat_age_s", "commits_per_s"}
-    assert set(status["gateways"][0]) == {"host", "pid", "address", "sessions", "heartbeat_age_s"}
+    # The contract's fields, and what observability added beside them (never instead).
+    assert set(status) == {"shards", "gateways", "missing_shards", "problems"}
+    assert status["missing_shards"] == [] and status["problems"] == []
+    assert set(status["shards"][0]) == {"index", "host", "pid", "heartbeat_age_s", "commits_per_s", "state",
+                                        "commands_waiting", "commands_pending", "oldest_command_age_s",
+                                        "metrics_address", "calls_in_flight"}
+    assert set(status["gateways"][0]) == {"host", "pid", "address", "sessions", "heartbeat_age_s",
+                                          "metrics_address", "calls_in_flight"}
     assert balancesim("cluster", "status", "--data-dir", data_dir).stdout.startswith("shards: 2 of 2")
 
     # A gateway of its own (as on another machine), on the same Redis: the login works there too.

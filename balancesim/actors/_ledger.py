@@ -405,6 +405,13 @@ class Ledger:
         self.commits = 0
         self.committed_submissions = 0
         self._commit_log = CommitLog.from_env(path)
+        self.failed_commits = 0
+        """Transactions that could not be written (a full disk …): their submissions failed."""
+        self.expired = 0
+        """Submissions refused because their deadline passed while they waited."""
+        self.on_batch: Callable[[int, float], None] | None = None
+        """Called on the writer thread after each commit with its submissions and its
+        seconds (write and fsync), for metrics; it must be quick."""
         row = self._db.execute("SELECT COALESCE(MAX(transaction_id), 0) FROM transactions").fetchone()
         # Transactions are numbered by a sequence: the id itself in the embedded mode,
         # the shard's own sequence (named into an id by ``ids``) in a shard.
@@ -494,18 +501,25 @@ class Ledger:
             else:
                 barriers.append(item)
         first_tx_seq = self._next_tx_seq
+        started = time.perf_counter()
         commit_log = self._commit_log
         began = commit_log.begin() if commit_log is not None else None
         try:
             outcomes = self._write(accepted)
         except Exception as error:  # noqa: BLE001 - any storage failure fails the batch
             self._next_tx_seq = first_tx_seq
+            self.failed_commits += 1
             self._fail(accepted, error)
         else:
             if commit_log is not None and began is not None:
                 commit_log.end(began, len(accepted))
             self.commits += 1
             self.committed_submissions += len(accepted)
+            if self.on_batch is not None and accepted:  # a barrier alone commits nothing
+                try:
+                    self.on_batch(len(accepted), time.perf_counter() - started)
+                except Exception:  # noqa: BLE001 - a metric must never keep a commit's replies back
+                    log.exception("commit observer %r failed", self.on_batch)
             events = [event for outcome in outcomes if type(outcome) is tuple for event in outcome]
             if events:
                 for listener in self._listeners:
@@ -632,6 +646,7 @@ class Ledger:
         refusal remembered under its key, in a transaction of its own."""
         expired = errors.Unavailable("the request expired before it was committed; nothing changed: "
                                      "send it again with a new Idempotency-Key")
+        self.expired += 1
         if sub.user_id is not None:
             self._poisoned.add(sub.user_id)
         if sub.idempotency is not None:

@@ -10,7 +10,9 @@ entries by the placement (``ShardIds``, given to the ``Engine``) and locks its f
 ``_data_dir`` runs ``users create`` and the ``ledger`` reports over a data directory.
 ``_health`` caches which shards beat (for ``/readyz``), ``_watchdog`` makes a child die
 with its parent, and ``_supervisor`` is ``serve --workers``: Redis, shards and gateways
-under one parent.
+under one parent. ``_backlog`` reads how far behind a shard is from its command stream
+alone, and ``_metrics`` is a shard's Prometheus metrics and the small server that gives
+a shard (or a gateway sharing its port) its own ``/metrics``.
 """
 
 from balancesim.cluster._backoff import Backoff
@@ -51,6 +53,8 @@ from balancesim.cluster._data_dir import (
 )
 from balancesim.cluster._shard import ShardFileInUse, ShardIds, ShardLock, lock_shard_file
 from balancesim.cluster._health import STALE_AFTER_S, ShardHealth
+from balancesim.cluster._backlog import Backlog, command_backlog
+from balancesim.cluster._metrics import MetricsServer, ShardMetrics
 from balancesim.cluster._supervisor import REDIS_URL_FILE, SuperviseOptions, read_redis_url, supervise
 from balancesim.cluster._watchdog import watch_parent
 from balancesim.cluster._wire import (
@@ -77,5 +81,5 @@ __all__ = [
     "DataDir", "ShardVerified", "audit_data_dir", "create_user_in_data_dir", "history_in_data_dir",
     "make_data_dir", "open_data_dir", "verify_data_dir", "verify_data_dir_as_one",
     "STALE_AFTER_S", "ShardHealth", "REDIS_URL_FILE", "SuperviseOptions", "read_redis_url", "supervise",
-    "watch_parent",
+    "watch_parent", "Backlog", "command_backlog", "MetricsServer", "ShardMetrics",
 ]

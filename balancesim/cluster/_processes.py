@@ -5,7 +5,13 @@ Both announce themselves in Redis with a heartbeat (``bs:shard:<k>``,
 ``bs:gateway:<id>``, a few seconds of expiry) that ``cluster status`` and ``/readyz``
 read; shards also publish the cluster's placement (``bs:placement``), which is how a
 gateway on a machine with no data directory learns where accounts live. Redis may
-lose all of it: the heartbeats put it back within a second.
+lose all of it: the heartbeats put it back within a second. A heartbeat carries the
+address of the process's ``/metrics`` (``metrics_address``).
+
+``cluster status`` judges each shard of the placement: *missing* (no heartbeat), *silent*
+(a heartbeat older than ``STALE_AFTER_S``: every gateway treats it as down), *lagging*
+(a heartbeat late by a beat, or a command that has waited in its stream longer than
+``LAGGING_AFTER_S``: it is alive but behind), or *ok*.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import Any, Callable
 import redis.asyncio
 
 from balancesim.actors import RealClock
+from balancesim.cluster._backlog import Backlog, command_backlog
 from balancesim.cluster._health import STALE_AFTER_S, ShardHealth, shard_heartbeat_key
+from balancesim.cluster._metrics import MetricsServer, ShardMetrics
 from balancesim.cluster._placement import Placement
 from balancesim.cluster._remote import RemoteEngine, RemoteTokens, wire_gateway
 from balancesim.cluster._service import ShardService
@@ -33,13 +41,21 @@ from balancesim.gateway import TokenStore, make_app, tune_gc
 from balancesim.gateway._server import drain
 
 __all__ = ["ShardOptions", "GatewayOptions", "run_shard", "run_gateway", "PLACEMENT_KEY", "HEARTBEAT_S",
-           "read_placement", "cluster_status", "status_problems", "RedisUnreachable", "create_user_through"]
+           "read_placement", "cluster_status", "status_problems", "status_lags", "shard_state", "LATE_AFTER_S",
+           "LAGGING_AFTER_S", "RedisUnreachable", "create_user_through"]
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_KEY = "bs:placement"
 HEARTBEAT_S = 1.0
 HEARTBEAT_TTL_S = 5
+#: A heartbeat older than this missed a beat (with a beat's margin): the shard's loop is
+#: behind. Older than ``STALE_AFTER_S`` the gateways treat it as down.
+LATE_AFTER_S = 2 * HEARTBEAT_S
+#: A command that waited this long in a shard's stream means the shard is behind: far
+#: above the milliseconds a working shard takes to read one, well below the gateway's
+#: default deadline (5 s) after which the caller gets a 504.
+LAGGING_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,8 @@ class ShardOptions:
     time_scale: float = 1.0
     seed: int | None = None
     password_cost: int = 2**14
+    #: The address the metrics sockets are bound on (what the heartbeat shows).
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -89,8 +107,11 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
     return stopping
 
 
-async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lambda: None) -> None:
+async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lambda: None,
+                    metrics_sockets: list[socket.socket] | None = None) -> None:
     """Serve one shard until SIGINT/SIGTERM, then finish what was handed over and exit.
+
+    With ``metrics_sockets`` (bound on ``options.metrics_host``), it serves ``/metrics`` there.
 
     Raises:
         ShardInUse: another process holds the shard file.
@@ -108,12 +129,15 @@ async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lam
                                  secret=options.secret).start()
     client = redis.asyncio.Redis.from_url(options.redis_url)
     started = time.monotonic()
+    metrics = ShardMetrics(service, options.redis_url)
+    metrics_server = MetricsServer(metrics.scrape, metrics_sockets, options.metrics_host) if metrics_sockets else None
 
     def describe() -> dict[str, Any]:
         elapsed = max(time.monotonic() - started, 1e-9)
         return {"index": options.index, "host": socket.gethostname(), "pid": os.getpid(),
                 "commits": engine.ledger.commits, "commits_per_s": round(engine.ledger.commits / elapsed, 1),
-                "epoch": service.epoch}
+                "epoch": service.epoch, "calls_in_flight": service.calls_in_flight,
+                "metrics_address": metrics_server.address if metrics_server is not None else None}
 
     async def publish_placement(c: redis.asyncio.Redis) -> None:
         await c.set(PLACEMENT_KEY, json.dumps({"shards": options.placement.shards,
@@ -127,8 +151,11 @@ async def run_shard(options: ShardOptions, *, on_ready: Callable[[], None] = lam
         await stopping.wait()
     finally:
         beat.cancel()
+        if metrics_server is not None:
+            metrics_server.stop()
         await service.stop()
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        await metrics.aclose()
         tokens.close()
         await client.aclose()
 
@@ -154,8 +181,13 @@ async def read_placement(redis_url: str, *, timeout_s: float = 30.0) -> Placemen
 
 
 async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | None = None, *,
-                      on_ready: Callable[[str], None] = lambda url: None) -> None:
-    """Serve HTTP and WebSocket over the cluster until SIGINT/SIGTERM, then drain."""
+                      on_ready: Callable[[str], None] = lambda url: None,
+                      metrics_sockets: list[socket.socket] | None = None) -> None:
+    """Serve HTTP and WebSocket over the cluster until SIGINT/SIGTERM, then drain.
+
+    ``/metrics`` is served on the gateway's own port, and also on ``metrics_sockets``
+    when given: gateways that share one port (``serve --workers``) can each be scraped there.
+    """
     from tornado.httpclient import AsyncHTTPClient
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
@@ -174,9 +206,16 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
     url = f"http://{options.host}:{port}"
     client = redis.asyncio.Redis.from_url(options.redis_url)
 
+    async def scrape() -> bytes:
+        return ctx.metrics.render()
+
+    metrics_server = MetricsServer(scrape, metrics_sockets, options.host) if metrics_sockets else None
+    metrics_address = metrics_server.address if metrics_server is not None else f"{url}/metrics"
+
     def describe() -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), "address": url,
-                "sessions": ctx.hub.counts()["sessions"]}
+                "sessions": ctx.hub.counts()["sessions"], "calls_in_flight": remote.calls_in_flight,
+                "metrics_address": metrics_address}
 
     beat = asyncio.ensure_future(_heartbeat(client, f"bs:gateway:{remote.gateway_id}", describe))
     stopping = _stop_on_signals(asyncio.get_running_loop())
@@ -188,6 +227,8 @@ async def run_gateway(options: GatewayOptions, sockets: list[socket.socket] | No
         await stopping.wait()
     finally:
         beat.cancel()
+        if metrics_server is not None:
+            metrics_server.stop()
         await drain(server, app, options.drain_s)
         await remote.health.aclose()
         await remote.aclose()
@@ -228,8 +269,16 @@ async def create_user_through(redis_url: str, secret: bytes, username: str, pass
         await remote.aclose()
 
 
-async def cluster_status(redis_url: str) -> dict[str, Any]:
-    """``{shards: [...], gateways: [...]}`` from the heartbeats, with their ages in seconds."""
+async def cluster_status(redis_url: str, expected_shards: int | None = None, *,
+                         lagging_after_s: float = LAGGING_AFTER_S) -> dict[str, Any]:
+    """``{shards: [...], gateways: [...], missing_shards: [...]}`` from the heartbeats, with
+    their ages in seconds, and each shard's command backlog read from its stream.
+
+    Every shard of the placement (``expected_shards``, else the one the shards published)
+    is judged: a live one gets a ``state`` (``shard_state``), a missing one is listed in
+    ``missing_shards`` with its backlog. ``lagging_after_s``: how long a command may wait
+    in a shard's stream before the shard counts as lagging.
+    """
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         now = time.time()
@@ -239,34 +288,97 @@ async def cluster_status(redis_url: str) -> dict[str, Any]:
             if raw is not None:
                 beat = json.loads(raw)
                 shards.append({"index": beat["index"], "host": beat["host"], "pid": beat["pid"],
-                               "heartbeat_age_s": round(now - beat["ts"], 2), "commits_per_s": beat["commits_per_s"]})
+                               "heartbeat_age_s": round(now - beat["ts"], 2), "commits_per_s": beat["commits_per_s"],
+                               "metrics_address": beat.get("metrics_address"),
+                               "calls_in_flight": beat.get("calls_in_flight")})
         async for key in client.scan_iter(match="bs:gateway:*"):
             raw = await client.get(key)
             if raw is not None:
                 beat = json.loads(raw)
                 gateways.append({"host": beat["host"], "pid": beat["pid"], "address": beat["address"],
-                                 "sessions": beat["sessions"], "heartbeat_age_s": round(now - beat["ts"], 2)})
+                                 "sessions": beat["sessions"], "heartbeat_age_s": round(now - beat["ts"], 2),
+                                 "metrics_address": beat.get("metrics_address"),
+                                 "calls_in_flight": beat.get("calls_in_flight")})
         placement = await client.get(PLACEMENT_KEY)
-        expected = json.loads(placement)["shards"] if placement is not None else None
+        published = json.loads(placement)["shards"] if placement is not None else None
+        expected = expected_shards if expected_shards is not None else published
+        seen = {shard["index"] for shard in shards}
+        missing = []
+        for index in sorted(seen | set(range(expected or 0))):
+            backlog = _backlog_fields(await command_backlog(client, index))
+            if index in seen:
+                shard = next(s for s in shards if s["index"] == index)
+                shard.update(backlog)
+                shard["state"] = shard_state(shard["heartbeat_age_s"], shard["oldest_command_age_s"],
+                                             lagging_after_s=lagging_after_s)
+            else:
+                missing.append({"index": index, **backlog})
         return {"shards": sorted(shards, key=lambda s: s["index"]), "gateways": sorted(gateways, key=lambda g: g["pid"]),
-                "expected_shards": expected}
+                "missing_shards": missing, "expected_shards": expected}
     finally:
         await client.aclose()
+
+
+def _backlog_fields(backlog: Backlog) -> dict[str, Any]:
+    age = backlog.oldest_age_s
+    return {"commands_waiting": backlog.waiting, "commands_pending": backlog.pending,
+            "oldest_command_age_s": None if age is None else round(age, 2)}
+
+
+def shard_state(heartbeat_age_s: float, oldest_command_age_s: float | None, *,
+                lagging_after_s: float = LAGGING_AFTER_S) -> str:
+    """A live shard's state: ``silent`` when its heartbeat is older than ``STALE_AFTER_S``
+    (the gateways treat it as down), ``lagging`` when its heartbeat is late by a beat
+    (``LATE_AFTER_S``) or a command has waited in its stream longer than
+    ``lagging_after_s``, else ``ok``."""
+    if heartbeat_age_s > STALE_AFTER_S:
+        return "silent"
+    if heartbeat_age_s > LATE_AFTER_S or (oldest_command_age_s is not None
+                                          and oldest_command_age_s > lagging_after_s):
+        return "lagging"
+    return "ok"
+
+
+def _backlog_text(entry: dict[str, Any]) -> str:
+    waiting, pending, age = entry["commands_waiting"], entry["commands_pending"], entry["oldest_command_age_s"]
+    if age is None:
+        return "no command waiting"
+    counted = "some" if waiting is None else str(waiting)
+    return f"{counted} commands waiting and {pending} read but unacknowledged, the oldest {age:g} s old"
 
 
 def status_problems(status: dict[str, Any], expected_shards: int | None = None) -> list[str]:
     """What is wrong in ``cluster_status``'s answer: each shard that is missing (of
     ``expected_shards``, else of the placement the shards published) or whose heartbeat
-    is older than ``STALE_AFTER_S``. Empty when every shard is alive."""
+    is older than ``STALE_AFTER_S``. Empty when every shard is alive. (A lagging shard
+    is alive: ``status_lags`` says which.)"""
     expected = expected_shards if expected_shards is not None else status.get("expected_shards")
     if expected is None:
         return ["no shard has published the placement: no shard is running"] if not status["shards"] else []
     seen = {shard["index"]: shard for shard in status["shards"]}
+    missing = {entry["index"]: entry for entry in status.get("missing_shards", [])}
     problems = []
     for index in range(expected):
         shard = seen.get(index)
         if shard is None:
-            problems.append(f"shard {index} is missing")
+            entry = missing.get(index)
+            problems.append(f"shard {index} is missing" + (f" ({_backlog_text(entry)})" if entry is not None
+                                                            and entry["oldest_command_age_s"] is not None else ""))
         elif shard["heartbeat_age_s"] > STALE_AFTER_S:
             problems.append(f"shard {index}'s last heartbeat is {shard['heartbeat_age_s']:g} s old")
     return problems
+
+
+def status_lags(status: dict[str, Any]) -> list[str]:
+    """Each live shard that is lagging (``shard_state``), and why: alive, but behind."""
+    lags = []
+    for shard in status["shards"]:
+        if shard.get("state") != "lagging":
+            continue
+        reasons = []
+        if shard["heartbeat_age_s"] > LATE_AFTER_S:
+            reasons.append(f"its last heartbeat is {shard['heartbeat_age_s']:g} s old")
+        if shard["oldest_command_age_s"] is not None:
+            reasons.append(_backlog_text(shard))
+        lags.append(f"shard {shard['index']} is lagging: " + "; ".join(reasons))
+    return lags

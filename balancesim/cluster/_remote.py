@@ -90,6 +90,9 @@ class RemoteEngine:
         self.clock_offset_s = 0.0
         self.gaps = 0
         self.timeouts = 0
+        # For metrics: calls handed towards a shard, and calls refused before sending (503).
+        self.calls = 0
+        self.refused = 0
         # Set by the gateway that uses this engine (``wire_gateway``).
         self.on_gap: Callable[[int], None] = lambda shard: None
         self.on_revoked: Callable[[int, str], None] = lambda user_id, digest: None
@@ -127,6 +130,16 @@ class RemoteEngine:
     def calls_in_flight(self) -> int:
         """Calls sent to any shard and not yet answered."""
         return sum(self._in_flight)
+
+    @property
+    def calls_in_flight_by_shard(self) -> tuple[int, ...]:
+        """Calls in flight, per shard (which shard a pile-up waits on)."""
+        return tuple(self._in_flight)
+
+    @property
+    def messages_lost(self) -> int:
+        """Calls Redis may not have taken (``NotSent`` or ``Unknown``)."""
+        return 0 if self._producer is None else self._producer.unknown + self._producer.not_sent
 
     @property
     def redis_reconnects(self) -> int:
@@ -173,14 +186,17 @@ class RemoteEngine:
         if self.health is not None and not self.health.alive(shard):
             # Known down from its heartbeats: say so at once, rather than hand the call to a
             # stream that no one reads and answer 504 a deadline later. Nothing was sent.
+            self.refused += 1
             done(None, errors.Unavailable(f"shard {shard} is down (no recent heartbeat); nothing was sent"))
             return
         if self._in_flight[shard] >= self.max_in_flight:
             busy = errors.Unavailable(f"shard {shard} has {self.max_in_flight} requests in flight; try again")
             busy.retry_after_s = 1  # type: ignore[attr-defined]
+            self.refused += 1
             done(None, busy)
             return
         self._in_flight[shard] += 1
+        self.calls += 1
 
         def finish(value: Any, error: BaseException | None) -> None:
             self._in_flight[shard] -= 1
@@ -228,6 +244,7 @@ class RemoteEngine:
             # NotSent: provably not handed over. Unknown: it may have been, so the
             # answer is awaited as for any other.
             if not added.cancelled() and isinstance(added.exception(), NotSent):
+                self.refused += 1
                 settle(None, _Unsent(f"shard {shard} cannot be reached: {added.exception()}"))
 
         deadline_ms = int((time.time() + self.clock_offset_s + self.timeout_s) * 1000)

@@ -24,10 +24,13 @@ from balancesim.cluster._wire import open_sealed, seal
 
 __all__ = [
     "Call", "Answer", "EventBatch", "commands_stream", "events_stream", "replies_stream",
-    "pack", "unpack", "FIELD",
+    "pack", "unpack", "FIELD", "COMMANDS_GROUP",
 ]
 
 FIELD = b"m"  # the one field of every entry: the sealed message
+
+#: The consumer group a shard reads its commands stream with (``ShardService``'s).
+COMMANDS_GROUP = "shard"
 
 
 def commands_stream(shard: int) -> str:

@@ -18,6 +18,7 @@ after a crash between COMMIT and XACK is answered from the ledger, not applied a
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import secrets
@@ -152,6 +153,11 @@ class ShardService:
         self.epoch = secrets.token_hex(8)
         self.seq = 0
         self.forged = 0
+        # For metrics: calls read and not yet answered, answers by (op, "ok" or error code),
+        # and events published.
+        self.calls_in_flight = 0
+        self.answered: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.events_published = 0
         # Keyed calls not yet answered, by (caller, key): what an outcome query follows.
         self.in_flight: dict[tuple[int, str], Reply] = {}
         # Redis's clock minus this machine's: deadlines are on Redis's clock.
@@ -203,6 +209,17 @@ class ShardService:
             await self._producer.aclose()
         self._executor.shutdown(wait=True)
 
+    @property
+    def redis_reconnects(self) -> int:
+        """How often this shard's Redis readers reconnected (or found a stream Redis lost)."""
+        readers = [r for r in (self._consumer, self._feed) if r is not None]
+        return sum(r.reconnects + getattr(r, "resets", 0) for r in readers)
+
+    @property
+    def messages_lost(self) -> int:
+        """Answers and event batches Redis may not have taken (``NotSent`` or ``Unknown``)."""
+        return 0 if self._producer is None else self._producer.unknown + self._producer.not_sent
+
     def blocking(self, func: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``func`` on the service's executor."""
         assert self._loop is not None
@@ -222,6 +239,7 @@ class ShardService:
 
     def _publish(self, events: list[Any], revoked: list[dict[str, Any]] | None = None) -> None:
         self.seq += 1
+        self.events_published += len(events)
         batch = EventBatch(self.epoch, self.seq, to_plain(events), revoked or [])
         assert self._producer is not None
         sent = self._producer.add(events_stream(self.index), {FIELD: pack(self.secret, batch)})
@@ -238,6 +256,7 @@ class ShardService:
                 log.warning("dropped a call on %s whose seal does not verify", entry.stream)
                 continue
             # Issued now, in stream order; answered whenever each completes.
+            self.calls_in_flight += 1
             started = self._dispatch(call)
             if isinstance(started, Reply):
                 # A mutation: answered from a callback when its commit completes it (the
@@ -296,6 +315,8 @@ class ShardService:
         return Answer(call.cid, False, code="unavailable", message=f"shard {self.index} failed on {call.op}")
 
     def _send_answer(self, call: Call, answer: Answer) -> None:
+        self.calls_in_flight -= 1
+        self.answered[call.op, answer.code or "ok"] += 1
         assert self._producer is not None
         sent = self._producer.add(call.reply_to, {FIELD: pack(self.secret, answer)}, maxlen=10_000)
         sent.add_done_callback(_log_lost)

@@ -173,15 +173,16 @@ class _Supervisor:
         argv = [sys.executable, "-m", "balancesim.cli", "shard", "--index", str(index),
                 "--shards", str(self.shards), "--db", os.path.join(o.data_dir, f"shard-{index}.db"),
                 "--time-scale", repr(o.time_scale), "--password-cost", str(o.password_cost),
-                "--log-level", o.log_level]
+                "--log-level", o.log_level, "--metrics-host", o.host, "--metrics-port", "0"]
         if o.seed is not None:
             argv += ["--seed", str(o.seed + index)]
         return _Child(f"shard {index}", argv, "shard ", shard_index=index)
 
     def _gateway(self, number: int) -> _Child:
         o = self.options
+        # Each gateway's own metrics port: on the shared port, a scrape reaches any one of them.
         argv = [sys.executable, "-m", "balancesim.cli", "gateway", "--host", o.host, "--port", str(self.port),
-                "--log-level", o.log_level]
+                "--log-level", o.log_level, "--metrics-port", "0"]
         if o.trust_proxy:
             argv.append("--trust-proxy")
         if o.timeout_s is not None:
