@@ -53,6 +53,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -546,6 +547,10 @@ def gateway_sessions_by_status(data_dir: str) -> dict[int, int]:
     return {g["pid"]: g["sessions"] for g in status.get("gateways", [])}
 
 
+#: The processes that serve each side (charged as "server" CPU; the clients and driver are not).
+SERVER_ROLES = {"balancesim": ("gateway", "shard", "redis", "supervisor"), "socketio": ("sio_server", "sio_redis")}
+
+
 # -- one burst and its figures ----------------------------------------------------------------
 
 
@@ -566,6 +571,8 @@ class Burst:
     sessions: int = 0
     send_s: float = 0.0  # first send → last send answered (the deposits' 2xx, or the emits' publish)
     first_s: float = 0.0  # first send → first message received
+    began_s: float = 0.0  # the first send, on CLOCK_MONOTONIC
+    load_1m: float = 0.0  # the machine's 1-minute load average as the burst began
 
     @property
     def rate(self) -> float:
@@ -580,7 +587,7 @@ async def burst(side: str, clients: list[Child], roles: dict[str, list[int]], fi
                 send: Any, *, idle_s: float, limit_s: float) -> Burst:
     """Arm the clients for ``count`` messages from sequence ``first``, ``send`` them, wait; the figures."""
     await asyncio.gather(*(c.ask("arm", kind=side, first=first, count=count) for c in clients))
-    load_before = load()
+    load_before, load_1m = load(), os.getloadavg()[0]
     before = roles_cpu_s(roles)
     began = now_s()
     await send(first, count)
@@ -594,7 +601,7 @@ async def burst(side: str, clients: list[Child], roles: dict[str, list[int]], fi
                  closed=sum(r["closed"] for r in results), elapsed_s=max(last, sent) - began,
                  payload_bytes=sum(r["payload_bytes"] for r in results),
                  cpu_s={role: after[role] - before[role] for role in roles}, load=f"{load_before} → {load()}",
-                 sessions=sessions, send_s=sent - began,
+                 sessions=sessions, send_s=sent - began, began_s=began, load_1m=round(load_1m, 2),
                  first_s=min((r["first_s"] for r in results if r["first_s"]), default=began) - began)
 
 
@@ -606,6 +613,18 @@ def describe(b: Burst) -> str:
             f"done after {b.send_s:.2f} s); lost {b.lost}, duplicates {b.duplicates}, "
             f"sessions closed {b.closed}; {b.payload_bytes / max(b.messages, 1):.0f} B/frame; {b.load}\n"
             f"      CPU µs per message: {per_msg}\n      cores busy: {cores}")
+
+
+def py_spy(directory: str, side: str, pid: int) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` (every thread, not pausing it) into ``DIR/SIDE.txt``, collapsed stacks."""
+    os.makedirs(directory, exist_ok=True)
+    # pip puts py-spy beside the interpreter, which an unactivated venv leaves off PATH.
+    binary = shutil.which("py-spy", path=os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", ""))))
+    if binary is None:
+        raise RuntimeError("--py-spy: py-spy not found (pip install py-spy)")
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--nonblocking", "--threads", "--format", "raw",
+                             "--output", os.path.join(directory, f"{side}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -689,15 +708,22 @@ async def run(args: argparse.Namespace, cluster: Deployment, data_dir: str, work
         async def emits(first: int, count: int) -> None:
             await asyncio.gather(*(emit_one(first + i) for i in range(count)))
 
-        bs_roles = {role: cluster.roles[role] for role in ("gateway", "shard", "redis", "supervisor")}
+        bs_roles = {role: cluster.roles[role] for role in SERVER_ROLES["balancesim"]}
         sio_roles = sio.roles
         client_pids = {"client": [c.pid for c in clients], "driver": [os.getpid()]}
 
-        async def one(side: str, count: int) -> Burst:
+        async def one(side: str, count: int, profile: bool = False) -> Burst:
             roles = {**(bs_roles if side == "balancesim" else sio_roles), **client_pids}
             first, next_seq[0] = next_seq[0], next_seq[0] + count
-            return await burst(side, clients, roles, first, count, deposits if side == "balancesim" else emits,
-                               idle_s=args.idle_seconds, limit_s=args.limit_seconds)
+            spy = py_spy(args.py_spy, side, roles["gateway" if side == "balancesim" else "sio_server"][0]) \
+                if profile and args.py_spy else None
+            try:
+                return await burst(side, clients, roles, first, count, deposits if side == "balancesim" else emits,
+                                   idle_s=args.idle_seconds, limit_s=args.limit_seconds)
+            finally:
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+                    spy.wait(30)
 
         # Warm-up: every path once (and the frame size the socket.io messages must match).
         warm = await one("balancesim", args.warmup)
@@ -716,7 +742,7 @@ async def run(args: argparse.Namespace, cluster: Deployment, data_dir: str, work
             # Alternate which side goes first, so a drift in the neighbours' load is shared.
             order = ("balancesim", "socketio") if number % 2 == 0 else ("socketio", "balancesim")
             for side in order:
-                result = await one(side, args.burst)
+                result = await one(side, args.burst, profile=number == 0)
                 rounds[side].append(result)
                 print(f"round {number + 1}, {side}: {describe(result)}", flush=True)
         if status := gateway_sessions_by_status(data_dir):
@@ -771,7 +797,12 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         messages = sum(b.messages for b in bursts)
         for role in bursts[0].cpu_s:
             out[f"{prefix}_{role}_cpu_us"] = round(sum(b.cpu_s[role] for b in bursts) / max(messages, 1) * 1e6, 2)
-    out["load"] = bs[-1].load
+    # The serving side's CPU per message (the clients and the driver left out): on a
+    # machine shared with others the rates follow the neighbours, this much less.
+    out["cluster_server_cpu_us"] = round(sum(out[f"cluster_{role}_cpu_us"] for role in SERVER_ROLES["balancesim"]), 2)
+    out["socketio_server_cpu_us"] = round(sum(out[f"socketio_{role}_cpu_us"] for role in SERVER_ROLES["socketio"]), 2)
+    out["cpu_ratio"] = round(out["socketio_server_cpu_us"] / max(out["cluster_server_cpu_us"], 1e-9), 2)
+    out["load_avg_1m"] = [b.load_1m for b in sorted(bs + sio, key=lambda b: b.began_s)]
     return out
 
 
@@ -790,6 +821,10 @@ def main() -> None:
                         help="deposits in flight (HTTP connections), and emits in flight")
     parser.add_argument("--idle-seconds", type=float, default=10, help="give up on a burst after this long quiet")
     parser.add_argument("--limit-seconds", type=float, default=120, help="give up on a burst after this long")
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help="profile one gateway and one socket.io server over each side's first timed burst "
+                             "with py-spy (pip install py-spy) into DIR/balancesim.txt and DIR/socketio.txt "
+                             "(collapsed stacks); sampling costs the profiled process a little CPU")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--socketio-server", metavar="REDIS_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -813,7 +848,9 @@ def main() -> None:
     summary = summarize(result, args)
     print(f"balancesim serve --workers 2 --shards 2 (exit {code} on SIGTERM): {summary['cluster_rates']} msgs/s; "
           f"socket.io AsyncRedisManager × 2 servers: {summary['socketio_rates']} msgs/s; median ratio "
-          f"{summary['ratio']:.2f} (target ≥ 1.0); lost {summary['cluster_lost']} / {summary['socketio_lost']}; "
+          f"{summary['ratio']:.2f} (target ≥ 1.0); server CPU per message {summary['cluster_server_cpu_us']} µs / "
+          f"{summary['socketio_server_cpu_us']} µs (socket.io ÷ balancesim {summary['cpu_ratio']:.2f}); "
+          f"lost {summary['cluster_lost']} / {summary['socketio_lost']}; "
           f"whole run {time.monotonic() - began:.0f} s", flush=True)
     emit(summary)
     if summary["cluster_lost"] or summary["socketio_lost"] or code != 0:
