@@ -45,6 +45,7 @@ class ShardHealth:
         self.refresh_s = refresh_s
         self.redis_ok = False
         self._beat_ts: dict[int, float] = {}
+        self._read_at_ts = 0.0  # wall clock of the last read of the heartbeats
         self._task: asyncio.Task[None] | None = None
         self._client: redis.asyncio.Redis | None = None
 
@@ -78,6 +79,7 @@ class ShardHealth:
             self.redis_ok = False
             return
         self.redis_ok = True
+        self._read_at_ts = time.time()
         self._beat_ts = {}
         for index, raw in enumerate(raws):
             if raw is not None:
@@ -92,9 +94,18 @@ class ShardHealth:
             await self.refresh()
 
     def alive(self, index: int) -> bool:
-        """Whether shard ``index`` beat recently (as of the last refresh, wall clock)."""
+        """Whether shard ``index`` beat recently, as of the last refresh (wall clock)."""
         ts = self._beat_ts.get(index)
-        return self.redis_ok and ts is not None and time.time() - ts < STALE_AFTER_S
+        if not self.redis_ok or ts is None:
+            return False
+        # A beat's age is taken when it was read, not now: a gateway whose loop was busy
+        # for seconds (a fan-out of thousands of frames on a loaded machine) has not read
+        # since, which says nothing of the shard, and its requests queued meanwhile would
+        # all be refused 503. While the refresher runs, a read is at most ``refresh_s``
+        # plus the loop's lag old, and a Redis that stops answering clears ``redis_ok``
+        # within the client's timeout. Should the refresher have stopped, age from now.
+        refreshing = self._task is not None and not self._task.done()
+        return (self._read_at_ts if refreshing else time.time()) - ts < STALE_AFTER_S
 
     def down(self) -> list[int]:
         """The shards that are not alive (all of them while Redis does not answer)."""
