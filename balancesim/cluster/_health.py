@@ -45,7 +45,7 @@ class ShardHealth:
         self.refresh_s = refresh_s
         self.redis_ok = False
         self._beat_ts: dict[int, float] = {}
-        self._read_at_ts = 0.0  # wall clock of the last read of the heartbeats
+        self._read_at_ts = 0.0  # wall clock when the last read of the heartbeats was sent
         self._task: asyncio.Task[None] | None = None
         self._client: redis.asyncio.Redis | None = None
 
@@ -71,6 +71,9 @@ class ShardHealth:
     async def refresh(self) -> None:
         """Read every shard's heartbeat now."""
         assert self._client is not None
+        # When asked, not when the answer is handled: a loop busy for seconds between the two
+        # would otherwise charge its own delay to the beats.
+        asked_at_ts = time.time()
         try:
             raws = await self._client.mget([shard_heartbeat_key(k) for k in range(self.shards)])
         except (OSError, redis.exceptions.RedisError) as error:  # type: ignore[attr-defined]
@@ -79,7 +82,7 @@ class ShardHealth:
             self.redis_ok = False
             return
         self.redis_ok = True
-        self._read_at_ts = time.time()
+        self._read_at_ts = asked_at_ts
         self._beat_ts = {}
         for index, raw in enumerate(raws):
             if raw is not None:
