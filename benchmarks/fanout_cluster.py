@@ -494,46 +494,49 @@ def gateway_of_ports(server_port: int, client_ports: set[int], gateways: list[in
 
 
 async def spread_over_gateways(clients: list[Child], tokens: list[str], port: int, gateways: list[int]) -> dict[int, int]:
-    """Open one admin session per token, exactly half on each gateway; the sessions per gateway pid.
+    """Open ``len(tokens)`` admin sessions, exactly half on each gateway; the sessions per gateway pid.
 
     The gateways share one listening socket, so each connection lands where the kernel
-    wakes a gateway first. Open, look each connection up, close the surplus on the fuller
-    gateway, and open again with the tokens set free, until both hold half.
+    wakes a gateway first, and while one gateway is busier the other wins nearly every
+    race. So: open, look each connection up, keep it while its gateway is short of half,
+    close the rest; and open again, at least 20 at a time (a few connections alone all
+    land on the idler gateway), until both hold half. A session may use any admin token:
+    the fan-out costs per session.
     """
     quota = len(tokens) // len(gateways)
-    held: dict[int, list[tuple[int, int, str]]] = {pid: [] for pid in gateways}  # pid → (client, port, token)
-    free = list(tokens)
-    for attempt in range(20):
-        if not free:
+    held: dict[int, int] = dict.fromkeys(gateways, 0)
+    missing, opened_total = quota * len(gateways), 0
+    for attempt in range(30):
+        if missing == 0:
             break
-        shares = [free[i::len(clients)] for i in range(len(clients))]
+        batch = [tokens[(opened_total + i) % len(tokens)] for i in range(max(missing if attempt == 0 else 2 * missing, 20))]
+        opened_total += len(batch)
+        shares = [batch[i::len(clients)] for i in range(len(clients))]
         opened = await asyncio.gather(*(
             c.ask("connect", kind="balancesim", targets=[{"port": port, "path": f"/ws?token={t}"} for t in share])
             for c, share in zip(clients, shares)))
-        free = []
-        placed = [(index, local, token) for index, (ports, share) in enumerate(zip(opened, shares))
-                  for local, token in zip(ports, share)]
+        placed = [(index, local) for index, ports in enumerate(opened) for local in ports]
         deadline = time.monotonic() + 5
         while True:
-            where = gateway_of_ports(port, {local for _, local, _ in placed}, gateways)
+            where = gateway_of_ports(port, {local for _, local in placed}, gateways)
             if len(where) == len(placed) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
         surplus: dict[int, list[int]] = {i: [] for i in range(len(clients))}
-        for index, local, token in placed:
+        for index, local in placed:
             pid = where.get(local)
-            if pid is not None and len(held[pid]) < quota:
-                held[pid].append((index, local, token))
+            if pid is not None and held[pid] < quota:
+                held[pid] += 1
             else:
                 surplus[index].append(local)
-                free.append(token)
+        missing = quota * len(gateways) - sum(held.values())
         await asyncio.gather(*(clients[i].ask("close", kind="balancesim", ports=ports)
                                for i, ports in surplus.items() if ports))
-        print(f"  sessions, attempt {attempt + 1}: " + ", ".join(
-            f"gateway {pid} {len(v)}" for pid, v in held.items()) + f"; {len(free)} to place again", flush=True)
-    if free:
-        raise RuntimeError(f"could not spread {len(tokens)} sessions evenly over the gateways: {len(free)} left")
-    return {pid: len(v) for pid, v in held.items()}
+        print(f"  sessions, attempt {attempt + 1}: " + ", ".join(f"gateway {pid} {n}" for pid, n in held.items())
+              + f"; {missing} to place", flush=True)
+    if missing:
+        raise RuntimeError(f"could not spread {len(tokens)} sessions evenly over the gateways: {held}")
+    return held
 
 
 def gateway_sessions_by_status(data_dir: str) -> dict[int, int]:
@@ -681,7 +684,8 @@ async def run(args: argparse.Namespace, cluster: Deployment, data_dir: str, work
             # A 503 (refused, nothing sent) or a 504 (outcome open) is repeated with the same
             # key, as PROTOCOL.md says: the burst still delivers every message once, and the
             # refusals are counted and reported rather than ending the run.
-            for attempt in range(50):
+            deadline_s, pause_s = now_s() + args.limit_seconds, 0.1
+            while True:
                 try:
                     await api.deposit(payees[seq % len(payees)], "1", description=f"fanout {seq}",
                                       key=f"fanout-{seq}")
@@ -690,8 +694,11 @@ async def run(args: argparse.Namespace, cluster: Deployment, data_dir: str, work
                     if error.status not in (503, 504):
                         raise
                     refusals[f"{error.status} {error.message}"] = refusals.get(f"{error.status} {error.message}", 0) + 1
-                    await asyncio.sleep(0.1)
-            raise RuntimeError(f"deposit fanout {seq}: still refused after 50 tries")
+                    if now_s() > deadline_s:
+                        raise RuntimeError(f"deposit fanout {seq}: still refused after {args.limit_seconds:g} s: "
+                                           f"{error.status} {error.message}") from None
+                    await asyncio.sleep(pause_s)
+                    pause_s = min(pause_s * 2, 1.0)
 
         async def deposits(first: int, count: int) -> None:
             await asyncio.gather(*(deposit(first + i) for i in range(count)))
@@ -843,6 +850,10 @@ def main() -> None:
         data_dir = os.path.dirname(cluster.ledgers[0])
         try:
             result = asyncio.run(run(args, cluster, data_dir, workdir))
+        except BaseException:
+            # The cluster's log goes with the temporary directory: show its end first.
+            print(f"the cluster's log, last lines:\n{cluster.log()[-4000:]}", file=sys.stderr)
+            raise
         finally:
             code = cluster.stop()
     summary = summarize(result, args)
