@@ -66,6 +66,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from balancesim.client import ApiError, Client, configure_http  # noqa: E402
+from balancesim.cluster import placement_of_data_dir, shard_of_user_id  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
 from benchmarks.cluster import SERVE_ARGS, SUPERADMIN, Deployment, cpu_s, load, start_cluster  # noqa: E402
 
@@ -205,7 +206,7 @@ class WsSession(asyncio.Protocol):
                 self.sample = payload
             return
         if self.kind == "balancesim":
-            if not self.ready.done() and payload.startswith(b'{"type": "user_balance_init"'):
+            if not self.ready.done() and b'"user_balance_init"' in payload[:64]:
                 self.ready.set_result(None)
             return
         # engine.io v4: 0 = open, 2 = ping, 4 = message; socket.io inside 4: 0 = connect (ack).
@@ -657,12 +658,13 @@ async def run(args: argparse.Namespace, cluster: Deployment, data_dir: str, work
     http = configure_http(max_clients=args.concurrency)
     boss, admin_tokens, payees = await create_accounts(cluster.url, min(args.admin_accounts, args.sessions),
                                                        args.deposit_users)
-    from balancesim.cluster import placement_of_data_dir, shard_of_user_id
-
     placement = placement_of_data_dir(data_dir, None)
     shards = sorted({shard_of_user_id(placement, uid) for uid in payees})
     print(f"{len(admin_tokens)} admin accounts and {len(payees)} deposit accounts (on shards {shards}) in "
-          f"{time.monotonic() - started:.1f} s", flush=True)
+          f"{time.monotonic() - started:.1f} s; HTTP client: {http}", flush=True)
+    if len(shards) < placement.shards:
+        print(f"  NOTE: the deposits reach only shards {shards} of {placement.shards}: raise --deposit-users",
+              flush=True)
     sio = await start_socketio(workdir)
     clients = [await Child.start("--client") for _ in range(args.client_procs)]
     try:
@@ -757,7 +759,7 @@ async def run(args: argparse.Namespace, cluster: Deployment, data_dir: str, work
         await asyncio.gather(*(c.ask("quit") for c in clients))
         if refusals:
             print(f"deposits refused and repeated with their key: {refusals}", flush=True)
-        return {"rounds": rounds, "frame_bytes": frame_bytes, "spread": spread, "status": status, "http": http,
+        return {"rounds": rounds, "frame_bytes": frame_bytes, "spread": spread, "status": status,
                 "refusals": sum(refusals.values())}
     finally:
         for client in clients:
