@@ -10,10 +10,10 @@ run, each on its own ``redis-server``:
 * **balancesim**: ``serve --workers 2 --shards 2 --data-dir`` (started as
   ``benchmarks/cluster.py`` does). ``--sessions`` admin sessions (logged in as
   ``--admin-accounts`` admin accounts in turn: a gateway's fan-out costs per session, an
-  account only setup time) are spread evenly over the two gateways: they share one listening socket, so where a
-  connection lands is the kernel's choice; each connection's gateway is read from ``/proc``
-  (which gateway process holds the server end of its TCP connection), and connections are
-  opened and closed until each gateway holds exactly half. ``cluster status --json`` (the
+  account only setup time) are spread evenly over the two gateways. They share one
+  listening socket, so where a connection lands is the kernel's choice; each connection's
+  gateway is read from ``/proc`` (which gateway process holds the server end of its TCP
+  connection), and connections are opened and closed until each gateway holds exactly half. ``cluster status --json`` (the
   gateways' heartbeats) confirms the split. A burst is ``--burst`` concurrent durable
   ``POST /api/admin/deposits`` over ``--deposit-users`` accounts on both shards, each fanned
   out by its shard through Redis to both gateways and by each gateway as
@@ -42,7 +42,8 @@ thread) is taken over each burst and reported as µs per message delivered.
 The last line is JSON: ``{"cluster_fanout_msgs_per_s", "socketio_redis_msgs_per_s", "ratio",
 "cluster_lost", "socketio_lost", "cluster_deposit_refusals", "frame_bytes", ...}``; the
 ``*_cpu_us`` keys are µs of CPU per message delivered, by role, over all the timed bursts.
-Exit 1 when a message was lost or the cluster did not drain cleanly.
+Exit 1 when a message was lost or the cluster did not drain cleanly. ``--py-spy DIR``
+profiles one gateway and one socket.io server over the first timed burst.
 """
 
 from __future__ import annotations
