@@ -7,8 +7,8 @@ Usage: ``python benchmarks/fanout_cluster.py [--sessions 1000] [--burst 100] [--
 Issue 16's "Fan-out across processes" benchmark. Two deployments run side by side in one
 run, each on its own ``redis-server``:
 
-* **balancesim**: ``serve --workers 2 --shards 2 --data-dir`` (started as
-  ``benchmarks/cluster.py`` does). ``--sessions`` admin sessions (logged in as
+* **balancesim**: ``serve --workers 2 --shards 2 --data-dir`` (started by
+  ``benchmarks/_common.py`` as for ``benchmarks/cluster.py``). ``--sessions`` admin sessions (logged in as
   ``--admin-accounts`` admin accounts in turn: a gateway's fan-out costs per session, an
   account only setup time) are spread evenly over the two gateways. They share one
   listening socket, so where a connection lands is the kernel's choice; each connection's
@@ -68,8 +68,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from balancesim.client import ApiError, Client, configure_http  # noqa: E402
 from balancesim.cluster import placement_of_data_dir, shard_of_user_id  # noqa: E402
-from benchmarks._common import emit  # noqa: E402
-from benchmarks.cluster import SERVE_ARGS, SUPERADMIN, Deployment, cpu_s, load, start_cluster  # noqa: E402
+from benchmarks._common import (SERVE_ARGS, SUPERADMIN, Deployment, emit, load, role_cpu_s,  # noqa: E402
+                                start_cluster)
 
 ADMIN_PASSWORD = "bench-pw"
 EVENT = "admin_balance_monitor"
@@ -584,21 +584,17 @@ class Burst:
         return self.messages / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def roles_cpu_s(roles: dict[str, list[int]]) -> dict[str, float]:
-    return {role: sum(cpu_s(pid) for pid in pids) for role, pids in roles.items()}
-
-
 async def burst(side: str, clients: list[Child], roles: dict[str, list[int]], first: int, count: int,
                 send: Any, *, idle_s: float, limit_s: float) -> Burst:
     """Arm the clients for ``count`` messages from sequence ``first``, ``send`` them, wait; the figures."""
     await asyncio.gather(*(c.ask("arm", kind=side, first=first, count=count) for c in clients))
     load_before, load_1m = load(), os.getloadavg()[0]
-    before = roles_cpu_s(roles)
+    before = role_cpu_s(roles)
     began = now_s()
     await send(first, count)
     sent = now_s()
     results = await asyncio.gather(*(c.ask("wait", idle_s=idle_s, limit_s=limit_s) for c in clients))
-    after = roles_cpu_s(roles)
+    after = role_cpu_s(roles)
     last = max(r["last_s"] for r in results)
     sessions = sum(r["sessions"] for r in results)
     return Burst(side=side, messages=sum(r["received"] for r in results), expected=count * sessions,
