@@ -264,7 +264,9 @@ CLUSTER_SERVER_ARGS = ("--workers", "2", "--shards", "2", "--demo", "--time-scal
 FAULT_KINDS = ("gateway", "shard", "redis", "stall", "partition")
 # Every wait for the cluster to recover, or for an answer to settle: far above normal.
 _RECOVER_S = 60.0
-_OPEN = (0, 503, 504)  # answers that leave a request to repeat (0: no answer at all)
+_OPEN = (0, 503, 504)
+# With --hosts this run restarts what it killed, after the supervisor's first backoff.
+_RESTART_AFTER_S = 1.0  # answers that leave a request to repeat (0: no answer at all)
 
 
 @dataclass
@@ -347,6 +349,8 @@ class _ClusterRun:
         self.boss: Client | None = None
         self.counts: dict[str, int] = {}
         self.keys = 0
+        self.url = ""  # the gateways that take the writes and the sessions
+        self.admin = ("superadmin", "superadmin123")  # serve --demo's
 
     # -- the processes -------------------------------------------------------------------
 
@@ -358,6 +362,7 @@ class _ClusterRun:
         from balancesim.cluster._supervisor import REDIS_URL_ENV
 
         self.server.start()
+        self.url = self.server.url
         # A gateway of its own on another port (as on another machine), to read from a
         # gateway other than the one that acknowledged a write.
         env = {**os.environ, REDIS_URL_ENV: read_redis_url(self.data_dir)}
@@ -389,7 +394,7 @@ class _ClusterRun:
     async def ready(self) -> bool:
         """Both the shared port and the extra gateway answer ``/readyz`` with 200."""
         return all([(await raw_call(url, "GET", "/readyz", timeout_s=10))[0] == 200
-                    for url in (self.server.url, self.extra_url)])
+                    for url in (self.url, self.extra_url)])
 
     async def wait_ready(self, what: str) -> str | None:
         deadline = time.monotonic() + _RECOVER_S
@@ -402,14 +407,14 @@ class _ClusterRun:
     # -- the load ------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        self.boss = await Client.login(self.server.url, "superadmin", "superadmin123")
+        self.boss = await Client.login(self.url, *self.admin)
         for i in range(self.users):
             made = await self.boss.create_user(f"chaos{i}", "pw", key=f"chaos-user-{i}")
             start = self._request("deposit", made["user_id"], self.boss.token, {"amount": "10000"})
             await self._send(start)
             if not start.acked:
                 raise RuntimeError(f"the first deposit failed: {start.status} {start.answer}")
-            client = await Client.login(self.server.url, f"chaos{i}", "pw")
+            client = await Client.login(self.url, f"chaos{i}", "pw")
             self.clients.append(client)
             self.sessions.append(await client.session())
 
@@ -424,7 +429,7 @@ class _ClusterRun:
         return request
 
     async def _send(self, request: _Request) -> int:
-        request.status, request.answer = await raw_call(self.server.url, request.method, request.path, request.body,
+        request.status, request.answer = await raw_call(self.url, request.method, request.path, request.body,
                                                         token=request.token, key=request.key)
         return request.status
 
@@ -454,7 +459,9 @@ class _ClusterRun:
                 await self._read_back(request, trial)
             elif status >= 500 and status not in _OPEN:
                 trial.problems.append(f"{request.key}: {status} {request.answer}")
-            await asyncio.sleep(0.01)
+            # No answer at all: the gateway is down until it is restarted; trying again at
+            # once would only spin (thousands of refused connections on 2 shared cores).
+            await asyncio.sleep(0.2 if status == 0 else 0.01)
 
     def _classify(self, request: _Request, trial: ClusterTrial) -> None:
         status, answer = request.status, request.answer
@@ -551,20 +558,33 @@ class _ClusterRun:
             problem = await self._until(lambda: cluster_children(self.server.pid)["redis"] not in (None, victim),
                                         f"redis-server restarted after {what}")
         elif kind == "stall":
-            index = self.rng.choice(sorted(children["shards"]))
-            victim = children["shards"][index]
-            # Past the gateways' deadline and their outcome query (each CLUSTER_TIMEOUT_S).
-            stopped_s = 2 * CLUSTER_TIMEOUT_S + 2
-            os.kill(victim, signal.SIGSTOP)
-            try:
-                await asyncio.sleep(stopped_s)
-            finally:
-                os.kill(victim, signal.SIGCONT)
-            what = f"SIGSTOP shard {index} pid {victim} for {stopped_s:g} s, then SIGCONT"
-            problem = None
+            what, problem = await self._stall(children["shards"]), None
         else:
             raise ValueError(f"no fault kind {kind!r}")
         return what, problem or await self.wait_ready(what)
+
+    async def _stall(self, shards: dict[int, int]) -> str:
+        """SIGSTOP one of ``shards`` (index → pid) past the deadline, then SIGCONT: what was done."""
+        import signal
+
+        index = self.rng.choice(sorted(shards))
+        victim = shards[index]
+        # Past the gateways' deadline and their outcome query (each CLUSTER_TIMEOUT_S).
+        stopped_s = 2 * CLUSTER_TIMEOUT_S + 2
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(stopped_s)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        return f"SIGSTOP shard {index} pid {victim} for {stopped_s:g} s, then SIGCONT"
+
+    def kept_logs(self) -> str:
+        """Copy the failed run's log out of the temporary directory, which is about to go;
+        where it went."""
+        kept = os.path.join(tempfile.gettempdir(), f"balancesim-chaos-cluster-{os.getpid()}.log")
+        with open(kept, "w") as out:
+            out.write(self.server.log())
+        return kept
 
     async def _until(self, check: Callable[[], bool], what: str) -> str | None:
         deadline = time.monotonic() + _RECOVER_S
@@ -596,7 +616,7 @@ class _ClusterRun:
         while True:
             still = []
             for client in self.clients:
-                status, body = await raw_call(self.server.url, "GET", "/api/options?status=open", token=client.token)
+                status, body = await raw_call(self.url, "GET", "/api/options?status=open", token=client.token)
                 still += ([t["trade_id"] for t in body["trades"]] if status == 200
                           else [f"(user {client.user_id}: {status})"])
             if not still:
@@ -687,11 +707,115 @@ def _ledger_verify(data_dir: str) -> list[str]:
     return [] if done.returncode == 0 else [f"ledger verify --data-dir: {done.stdout}{done.stderr}"]
 
 
+class _HostsRun(_ClusterRun):
+    """``chaos --cluster --hosts``: the same trials on the three-host namespace layout
+    (``balancesim.cluster._hosts``): Redis and shard 0 on host A, shard 1 on host B, a
+    gateway on host C and one on host A. The clients run on host C (this process's main
+    thread enters its namespace): the writes and the sessions go to C's gateway, the
+    read-your-writes check reads on A's. There is no ``serve`` across hosts, so this
+    run restarts what it killed, as the supervisor would (after a second's backoff); the
+    fifth kind cuts host B off the network past the deadline, then heals it."""
+
+    def __init__(self, tmp: str, users: int, rng: random.Random) -> None:
+        from pathlib import Path
+
+        from balancesim.cluster._hosts import HostsCluster
+
+        super().__init__(tmp, users, rng)
+        self.hosts = HostsCluster(Path(tmp) / "hosts", gateway_hosts=("c", "a"), admin=self.admin,
+                                  shard_args=("--time-scale", "0.02", "--password-cost", "1024"),
+                                  gateway_args=("--timeout-s", repr(CLUSTER_TIMEOUT_S)))
+        self.data_dir = str(self.hosts.ledgers)  # an auditor's view of every host's shard file
+        self._inside: contextlib.ExitStack | None = None
+
+    def start(self) -> None:
+        self.hosts.start()
+        self.url, self.extra_url = self.hosts.urls["c"], self.hosts.urls["a"]
+        self._inside = contextlib.ExitStack()
+        self._inside.enter_context(self.hosts.inside("c"))
+
+    def stop(self) -> None:
+        try:
+            if self._inside is not None:
+                self._inside.close()
+        finally:
+            self.hosts.close()
+
+    async def inject(self, kind: str) -> tuple[str, str | None]:
+        import signal
+
+        hosts = self.hosts
+        loop = asyncio.get_running_loop()
+        if kind == "gateway":
+            host = self.rng.choice(sorted(hosts.gateways))
+            victim = hosts.gateways[host].pid
+            os.kill(victim, signal.SIGKILL)
+            hosts.gateways[host].wait()
+            await asyncio.sleep(_RESTART_AFTER_S)
+            await loop.run_in_executor(None, hosts.start_gateway, host)
+            what = f"SIGKILL the gateway on host {host} (pid {victim}), restarted as pid {hosts.gateways[host].pid}"
+        elif kind == "shard":
+            index = self.rng.choice(sorted(hosts.shards))
+            victim = hosts.shards[index].pid
+            os.kill(victim, signal.SIGKILL)
+            hosts.shards[index].wait()
+            await self._forget_shard(index)
+            await asyncio.sleep(_RESTART_AFTER_S)
+            await loop.run_in_executor(None, hosts.start_shard, index)
+            what = f"SIGKILL shard {index} (pid {victim}), restarted as pid {hosts.shards[index].pid}"
+        elif kind == "redis":
+            assert hosts.redis is not None
+            victim = hosts.redis.pid
+            os.kill(victim, signal.SIGKILL)
+            hosts.redis.wait()
+            await asyncio.sleep(_RESTART_AFTER_S)
+            # On this (the main) thread: the new server dies with this process (see Lan.start).
+            hosts.start_redis()
+            what = f"SIGKILL redis-server on host A (pid {victim}), restarted as pid {hosts.redis.pid}"
+        elif kind == "stall":
+            what = await self._stall({k: p.pid for k, p in hosts.shards.items()})
+        elif kind == "partition":
+            # Past the deadline and the outcome query, and past the stale-heartbeat limit, so
+            # that both the 504 and the prompt 503 are met.
+            cut_s = 2 * CLUSTER_TIMEOUT_S + 4
+            hosts.cut("b")
+            try:
+                await asyncio.sleep(cut_s)
+            finally:
+                hosts.heal("b")
+            what = f"cut host B (shard 1) off the network for {cut_s:g} s, then healed it"
+        else:
+            raise ValueError(f"no fault kind {kind!r}")
+        return what, await self.wait_ready(what)
+
+    async def _forget_shard(self, index: int) -> None:
+        # As the supervisor does: the dead shard's heartbeat would live on for its expiry;
+        # deleted, the gateways answer its accounts 503 at once.
+        import redis.asyncio
+
+        from balancesim.cluster._health import shard_heartbeat_key
+
+        client = redis.asyncio.Redis.from_url(self.hosts.redis_url, socket_timeout=2.0)
+        try:
+            await client.delete(shard_heartbeat_key(index))
+        except (OSError, redis.RedisError):
+            pass  # then the heartbeat goes stale by itself, as a partitioned shard's does
+        finally:
+            await client.aclose()
+
+    def kept_logs(self) -> str:
+        import shutil
+
+        kept = os.path.join(tempfile.gettempdir(), f"balancesim-chaos-hosts-{os.getpid()}")
+        shutil.copytree(self.hosts.lan.logs, kept, dirs_exist_ok=True)
+        return kept
+
+
 async def run_cluster_trial(run: _ClusterRun, trial_number: int) -> ClusterTrial:
     """One fault of the next kind, at a random moment under load; then every check."""
     kind = FAULT_KINDS[(trial_number - 1) % len(FAULT_KINDS)]
     trial = ClusterTrial(trial_number, kind)
-    if kind == "partition":
+    if kind == "partition" and not isinstance(run, _HostsRun):
         trial.ran = False  # needs --hosts: processes on other (namespace) hosts
         return trial
     stop = asyncio.Event()
@@ -713,14 +837,15 @@ async def run_cluster_trial(run: _ClusterRun, trial_number: int) -> ClusterTrial
     return trial
 
 
-async def run_cluster_trials(trials: int, *, users: int = 6, seed: int = 0,
+async def run_cluster_trials(trials: int, *, users: int = 6, seed: int = 0, hosts: bool = False,
                              echo: Callable[[str], None] = print) -> list[ClusterTrial]:
     """``chaos --cluster``: one cluster, ``trials`` faults in turn; stops at the first
-    trial that breaks a promise."""
+    trial that breaks a promise. ``hosts``: on the three-host namespace layout, where
+    the partition kind runs too (needs root: ``hosts_unavailable()`` says why not)."""
     configure_http(64)
     results: list[ClusterTrial] = []
     with tempfile.TemporaryDirectory(prefix="bs-chaos-") as tmp:
-        run = _ClusterRun(tmp, users, random.Random(seed))
+        run = (_HostsRun if hosts else _ClusterRun)(tmp, users, random.Random(seed))
         try:
             run.start()
             await run.setup()
@@ -729,18 +854,10 @@ async def run_cluster_trials(trials: int, *, users: int = 6, seed: int = 0,
                 results.append(result)
                 echo(result.text())
                 if not result.ok:
-                    echo(f"the cluster's log is in {run.server.log_path} (kept: {_keep_log(run)})")
+                    echo(f"the cluster's logs are kept in {run.kept_logs()}")
                     break
         finally:
             for session in run.sessions:
                 await session.close()
             run.stop()
     return results
-
-
-def _keep_log(run: _ClusterRun) -> str:
-    """Copy the failed run's log out of the temporary directory, which is about to go."""
-    kept = os.path.join(tempfile.gettempdir(), f"balancesim-chaos-cluster-{os.getpid()}.log")
-    with open(kept, "w") as out:
-        out.write(run.server.log())
-    return kept

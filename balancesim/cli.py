@@ -595,18 +595,30 @@ def status_table(status: dict[str, Any], expected: int | None) -> str:
 @click.option("--cluster", is_flag=True,
               help="Run serve --workers 2 --shards 2 instead, and take the fault kinds in turn: SIGKILL a "
                    "gateway, SIGKILL a shard, SIGKILL Redis, SIGSTOP a shard past the deadline, cut a host off "
-                   "(that one needs the namespace layout, --hosts, and is reported as not run).")
-def chaos(trials: int, users: int, seed: int, cluster: bool) -> None:
+                   "(that one needs the namespace layout, --hosts, and is reported as not run without it).")
+@click.option("--hosts", is_flag=True,
+              help="With --cluster: run the cluster on three hosts made of network namespaces (Redis and "
+                   "shard 0 on A, shard 1 on B, gateways on C and A; needs root, ip and redis-server), "
+                   "restart what a trial killed, and cut host B off the network in the partition trials.")
+def chaos(trials: int, users: int, seed: int, cluster: bool, hosts: bool) -> None:
     """Kill the server (SIGKILL) under load and prove nothing acknowledged was lost; exit 1 if anything was."""
     import asyncio
 
+    if hosts and not cluster:
+        raise InputError("--hosts runs the cluster across namespace hosts: give --cluster too")
+    if hosts:
+        from balancesim.cluster._hosts import hosts_unavailable
+
+        if (missing := hosts_unavailable()) is not None:
+            raise InputError(f"--hosts: {missing}")
     if cluster:
         from balancesim.chaos import run_cluster_trials
 
-        done = asyncio.run(run_cluster_trials(trials, users=users, seed=seed, echo=click.echo))
+        done = _run_cleaning_up(run_cluster_trials(trials, users=users, seed=seed, hosts=hosts, echo=click.echo))
         ran = [r for r in done if r.ran]
         failed = [r for r in done if not r.ok]
-        click.echo(f"{len(ran)} of {len(done)} trials run ({len(done) - len(ran)} not run: need --hosts), "
+        not_run = f" ({len(done) - len(ran)} not run: need --hosts)" if len(ran) < len(done) else ""
+        click.echo(f"{len(ran)} of {len(done)} trials run{not_run}, "
                    f"{sum(r.acknowledged for r in ran)} mutations acknowledged, "
                    f"{sum(r.timeouts_resolved for r in ran)} of {sum(r.timeouts for r in ran)} timeouts resolved, "
                    f"{sum(r.cut_off_resolved for r in ran)} of {sum(r.cut_off for r in ran)} cut-off requests "
@@ -624,6 +636,22 @@ def chaos(trials: int, users: int, seed: int, cluster: bool) -> None:
     click.echo(f"{len(results)} trials, {sum(r.acknowledged for r in results)} acknowledged mutations checked, "
                f"{len(failed)} failed")
     sys.exit(1 if failed else 0)
+
+
+def _run_cleaning_up(work: Any) -> Any:
+    """``asyncio.run(work)``, with SIGTERM turned into a KeyboardInterrupt as Ctrl-C is, so
+    that either unwinds ``work``'s clean-up (children stopped, namespaces deleted)."""
+    import asyncio
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return asyncio.run(work)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _register() -> None:

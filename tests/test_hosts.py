@@ -9,8 +9,14 @@ every packet stays between namespaces this test made.
 
 A scenario runs against host C's gateway from host C and passes; ``cluster status``
 (from C, over TCP) lists both shards and the gateway with the pids started here; after an
-orderly stop, ``ledger verify --db`` holds on each shard's file. Every process is stopped
-and every namespace deleted at the end, whatever happened.
+orderly stop, ``ledger verify --db`` holds on each shard's file.
+
+A partition: host B (shard 1) is cut off the network for 10 s under deposits, then healed.
+B's accounts get only 503 or 504 meanwhile while shard 0's keep working; after the heal
+each 504 settles with its key, and every session on host C's gateway reaches its
+ledger's version with no gap and no duplicate.
+
+Every process is stopped and every namespace deleted at the end, whatever happened.
 
 Creating namespaces needs root (CI runs as root): without it this test fails and says
 so; it never skips.
@@ -103,9 +109,9 @@ def test_redis_and_shard_0_on_a_shard_1_on_b_a_gateway_on_c(hosts):
 
 TIMEOUT_S = 2.0  # the gateway's command deadline (and as long again for the outcome query)
 CUT_S = 10.0  # host B stays cut off this long: past the deadline and the stale-heartbeat limit
-PROBE_S = CUT_S - 2 * TIMEOUT_S - 1.0  # requests for B's accounts are sent only this long, so
-# each has its answer (503 or 504) while B is still cut off, however slow this machine is
-WAIT_S = 60.0
+PROBE_S = CUT_S - 2 * TIMEOUT_S - 1.0  # requests for B's accounts are sent only this long into
+# the cut, so that each one's deadline has passed before B is back: none may apply later
+WAIT_S = 60.0  # every wait for the cluster: far above normal, never asserted as speed
 
 
 async def _deposit_settled(url: str, boss, user_id: int, amount: str, key: str) -> dict:
@@ -222,11 +228,11 @@ def test_a_healed_partition_converges_with_no_gap(hosts):
             problem = await session_in_sync(session, lambda c=client: boss.balance(c.user_id))
             assert problem is None, f"user {client.user_id}: {problem}"
             assert session.problems == [], f"user {client.user_id}: {session.problems}"
-        reconnects = {c.user_id: s.reconnects for c, s in zip(clients, sessions)}
+        reconnects = sum(s.reconnects for s in sessions)
         for session in sessions:
             await session.close()
-        return {"statuses": statuses, "others": others, "sent_after_cut": len(sent_after_cut), "cut_for": cut_for, "reconnects": reconnects,
-                "on_b": [c.user_id for c in on_b]}
+        return {"statuses": statuses, "others": others, "sent_after_cut": len(sent_after_cut), "cut_for": cut_for,
+                "reconnects": reconnects}
 
     with cluster.inside("c"):  # the clients are on host C, as its gateway is
         found = asyncio.run(scenario())
@@ -238,4 +244,30 @@ def test_a_healed_partition_converges_with_no_gap(hosts):
         f"applied on disk: {sorted(applied)}; {found}")
     verified = cluster.lan.run("a", balancesim_cli("ledger", "verify", "--data-dir", str(cluster.ledgers)))
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    print(f"partition: {found}")
+    final = list(found["statuses"].values())
+    print(f"partition: cut for {found['cut_for']:.1f} s; B's accounts: {final.count(201)} applied, "
+          f"{final.count(503)} refused ({found['sent_after_cut']} sent during the cut); shard 0's: "
+          f"{found['others']} deposits applied during the cut; {found['reconnects']} session reconnects")
+
+
+def test_chaos_hosts_without_root_or_without_ip_is_one_line_and_exit_2(monkeypatch):
+    """No namespaces without root, none without ``ip``: one clear line, exit 2, no traceback
+    (runs anywhere: nothing is built)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from balancesim.cli import cli
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    done = CliRunner().invoke(cli, ["chaos", "--cluster", "--hosts"])
+    assert done.exit_code == 2 and done.output == "Error: --hosts: the namespace layout (ip netns) needs root\n", (
+        done.output)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    done = CliRunner().invoke(cli, ["chaos", "--cluster", "--hosts"])
+    assert done.exit_code == 2 and done.output == (
+        "Error: --hosts: the namespace layout needs ip: apt-get install -y iproute2\n"), done.output
+    done = CliRunner().invoke(cli, ["chaos", "--hosts"])
+    assert done.exit_code == 2 and done.output.splitlines() == [
+        "Error: --hosts runs the cluster across namespace hosts: give --cluster too"], done.output
