@@ -719,7 +719,7 @@ class _HostsRun(_ClusterRun):
     def __init__(self, tmp: str, users: int, rng: random.Random) -> None:
         from pathlib import Path
 
-        from balancesim.cluster._hosts import HostsCluster
+        from balancesim.cluster import HostsCluster
 
         super().__init__(tmp, users, rng)
         self.hosts = HostsCluster(Path(tmp) / "hosts", gateway_hosts=("c", "a"), admin=self.admin,

@@ -607,14 +607,19 @@ def chaos(trials: int, users: int, seed: int, cluster: bool, hosts: bool) -> Non
     if hosts and not cluster:
         raise InputError("--hosts runs the cluster across namespace hosts: give --cluster too")
     if hosts:
-        from balancesim.cluster._hosts import hosts_unavailable
+        from balancesim.cluster import hosts_unavailable
 
         if (missing := hosts_unavailable()) is not None:
             raise InputError(f"--hosts: {missing}")
     if cluster:
         from balancesim.chaos import run_cluster_trials
+        from balancesim.cluster import HostsUnavailable
 
-        done = _run_cleaning_up(run_cluster_trials(trials, users=users, seed=seed, hosts=hosts, echo=click.echo))
+        try:
+            done = _run_cleaning_up(run_cluster_trials(trials, users=users, seed=seed, hosts=hosts,
+                                                       echo=click.echo))
+        except HostsUnavailable as error:  # root, yet no namespaces here (a container without the capability)
+            raise InputError(f"--hosts: {error}") from None
         ran = [r for r in done if r.ran]
         failed = [r for r in done if not r.ok]
         not_run = f" ({len(done) - len(ran)} not run: need --hosts)" if len(ran) < len(done) else ""

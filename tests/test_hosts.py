@@ -31,7 +31,8 @@ import time
 
 import pytest
 
-from balancesim.cluster._hosts import ADDRESS, GATEWAY_PORT, HOSTNAME, HostsCluster, HostsUnavailable, hosts_unavailable
+from balancesim.cluster import HostsCluster, HostsUnavailable, hosts_unavailable
+from balancesim.cluster._hosts import ADDRESS, GATEWAY_PORT, HOSTNAME
 
 ADMIN = ("superadmin", "hosts-superadmin-pw")
 

@@ -13,6 +13,9 @@ with its parent, and ``_supervisor`` is ``serve --workers``: Redis, shards and g
 under one parent. ``_backlog`` reads how far behind a shard is from its command stream
 alone, and ``_metrics`` is a shard's Prometheus metrics and the small server that gives
 a shard (or a gateway sharing its port) its own ``/metrics``.
+``_hosts`` builds three hosts from network namespaces on this machine
+and runs a cluster across them (for the tests and ``chaos --cluster --hosts``), with a
+host's cable to pull and plug back.
 """
 
 from balancesim.cluster._backoff import Backoff
@@ -57,6 +60,7 @@ from balancesim.cluster._backlog import Backlog, command_backlog
 from balancesim.cluster._metrics import MetricsServer, ShardMetrics
 from balancesim.cluster._supervisor import REDIS_URL_FILE, SuperviseOptions, read_redis_url, supervise
 from balancesim.cluster._watchdog import watch_parent
+from balancesim.cluster._hosts import HostsCluster, HostsUnavailable, Lan, hosts_unavailable, in_netns
 from balancesim.cluster._wire import (
     MIN_SECRET_CHARS,
     SECRET_ENV,
@@ -82,4 +86,5 @@ __all__ = [
     "make_data_dir", "open_data_dir", "verify_data_dir", "verify_data_dir_as_one",
     "STALE_AFTER_S", "ShardHealth", "REDIS_URL_FILE", "SuperviseOptions", "read_redis_url", "supervise",
     "watch_parent", "Backlog", "command_backlog", "MetricsServer", "ShardMetrics",
+    "HostsCluster", "HostsUnavailable", "Lan", "hosts_unavailable", "in_netns",
 ]
