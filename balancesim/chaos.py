@@ -282,6 +282,8 @@ class _Request:
     status: int = 0
     answer: Any = None
     repeats: int = 0
+    #: Settled as expired (a 503 its key on disk records as refused): a final answer.
+    expired: bool = False
 
     @property
     def acked(self) -> bool:
@@ -502,8 +504,8 @@ class _ClusterRun:
     async def resolve(self, trial: ClusterTrial) -> None:
         """Repeat every request left open (504, or cut off) with its key until it has an answer."""
         for request in self.requests:
-            if request.status not in _OPEN or request.status == 503 and request.repeats == 0:
-                continue  # answered (a first 503 is an answer: nothing was handed over)
+            if request.status not in _OPEN or request.status == 503 and (request.repeats == 0 or request.expired):
+                continue  # answered (a first 503 is an answer: nothing was handed over), or settled before
             was = request.status
             deadline = time.monotonic() + _RECOVER_S
             while request.status in _OPEN:
@@ -512,6 +514,7 @@ class _ClusterRun:
                     # shard remembered that refusal under the key, and every repeat gets it.
                     # On the wire it is a 503 like "not handed over"; the key on disk tells.
                     trial.expired += 1
+                    request.expired = True
                     break
                 if time.monotonic() > deadline:
                     trial.problems.append(f"{request.key}: still {request.status} {request.answer} after "

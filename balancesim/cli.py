@@ -620,6 +620,9 @@ def chaos(trials: int, users: int, seed: int, cluster: bool, hosts: bool) -> Non
                                                        echo=click.echo))
         except HostsUnavailable as error:  # root, yet no namespaces here (a container without the capability)
             raise InputError(f"--hosts: {error}") from None
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the cluster (and any namespace) is gone
+            click.echo("chaos: interrupted; the cluster was stopped", err=True)
+            sys.exit(130)
         ran = [r for r in done if r.ran]
         failed = [r for r in done if not r.ok]
         not_run = f" ({len(done) - len(ran)} not run: need --hosts)" if len(ran) < len(done) else ""
