@@ -160,7 +160,9 @@ async def run_trials(trials: int, *, users: int = 6, seed: int = 0) -> list[Tria
 #
 # One ``serve --workers 2 --shards 2`` for the whole run; each trial injects one fault of
 # the kinds below, in turn, at a random moment under load, lets the cluster recover by
-# itself and then checks PROTOCOL.md's promises over everything done so far.
+# itself and then checks PROTOCOL.md's promises over everything done so far. With
+# ``--hosts`` (``_HostsRun``) the cluster runs on three namespace hosts instead, this run
+# restarts what it kills (no supervisor spans hosts), and the partition kind runs too.
 
 def cluster_children(serve_pid: int) -> dict[str, Any]:
     """The live children of a ``serve --workers`` parent, from ``/proc``:
