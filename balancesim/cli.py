@@ -647,19 +647,24 @@ def chaos(trials: int, users: int, seed: int, cluster: bool, hosts: bool) -> Non
 
 
 def _run_cleaning_up(work: Any) -> Any:
-    """``asyncio.run(work)``, with SIGTERM turned into a KeyboardInterrupt as Ctrl-C is, so
-    that either unwinds ``work``'s clean-up (children stopped, namespaces deleted)."""
+    """``asyncio.run(work)``, where SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt, which
+    unwinds ``work``'s clean-up (children stopped, namespaces deleted) and then leaves.
+
+    Not asyncio's own SIGINT handling: it only cancels the main task, and a cancellation
+    that lands in a library wait (a ``wait_for`` racing its result) can be lost, which left
+    a run going on after Ctrl-C."""
     import asyncio
     import signal
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return asyncio.run(work)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _register() -> None:
