@@ -11,7 +11,7 @@ A scenario runs against host C's gateway from host C and passes; ``cluster statu
 (from C, over TCP) lists both shards and the gateway with the pids started here; after an
 orderly stop, ``ledger verify --db`` holds on each shard's file.
 
-A partition: host B (shard 1) is cut off the network for 10 s under deposits, then healed.
+A partition: host B (shard 1) is cut off the network for 12 s under deposits, then healed.
 B's accounts get only 503 or 504 meanwhile while shard 0's keep working; after the heal
 each 504 settles with its key, and every session on host C's gateway reaches its
 ledger's version with no gap and no duplicate.
@@ -109,7 +109,7 @@ def test_redis_and_shard_0_on_a_shard_1_on_b_a_gateway_on_c(hosts):
 # -- a partition -------------------------------------------------------------------------
 
 TIMEOUT_S = 2.0  # the gateway's command deadline (and as long again for the outcome query)
-CUT_S = 10.0  # host B stays cut off this long: past the deadline and the stale-heartbeat limit
+CUT_S = 12.0  # host B stays cut off this long: past the deadline and the stale-heartbeat limit
 PROBE_S = CUT_S - 2 * TIMEOUT_S - 1.0  # requests for B's accounts are sent only this long into
 # the cut, so that each one's deadline has passed before B is back: none may apply later
 WAIT_S = 60.0  # every wait for the cluster: far above normal, never asserted as speed
