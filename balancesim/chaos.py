@@ -622,12 +622,16 @@ class _ClusterRun:
             still = []
             for client in self.clients:
                 status, body = await raw_call(self.url, "GET", "/api/options?status=open", token=client.token)
-                still += ([t["trade_id"] for t in body["trades"]] if status == 200
-                          else [f"(user {client.user_id}: {status})"])
+                # With its expiry, as evidence: a trade waits for a tick at or after it.
+                still += ([f"{t['trade_id']} (expires {t.get('expires_at')})" for t in body["trades"]]
+                          if status == 200 else [f"(user {client.user_id}: {status})"])
             if not still:
                 return []
             if time.monotonic() > deadline:
-                return [f"{len(still)} trades still open {_RECOVER_S:g} s after the fault: {still[:5]}"]
+                # Beside them, the feed as the gateway sees it (its latest tick's time).
+                _, market = await raw_call(self.url, "GET", "/api/market", token=self.clients[0].token)
+                return [f"{len(still)} trades still open {_RECOVER_S:g} s after the fault: {still[:5]}; "
+                        f"the market then: {json.dumps(market)[:300]}"]
             await asyncio.sleep(0.2)
 
     def _against_ledgers(self, trial: ClusterTrial) -> list[str]:
