@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import pykka
 
+from balancesim import errors
 from balancesim.actors._bus import EventBus
 from balancesim.actors._clock import Clock, Timer
 from balancesim.actors._messages import Command, OptionOpened, PriceTicked, SettleOption, Trade
@@ -261,11 +262,21 @@ class MarketActor(pykka.ThreadingActor):
         ))
         with self._lock:
             self._in_flight.add(reply)
-        reply.add_done_callback(self._answered)
+        reply.add_done_callback(lambda done: self._answered(done, message))
 
-    def _answered(self, reply: Reply) -> None:
+    def _answered(self, reply: Reply, expire: _Expire) -> None:
         with self._lock:
             self._in_flight.discard(reply)
+        try:
+            reply.raw()
+        except (errors.StorageUnavailable, errors.Unavailable):
+            # Refused before COMMIT, nothing written: the account's earlier command failed or
+            # expired (a shard cut off, then healed, meets its backlog of expired calls) and the
+            # account reloads. Settle again a simulated second later; dropped, the trade would
+            # stay open until the next start.
+            self.clock.call_later(self.clock.scaled(1.0), lambda: _tell(self.actor_ref, expire))
+        except Exception:  # noqa: BLE001 - refused for good (no longer open): nothing to retry
+            pass
 
 
 def sync(ref: pykka.ActorRef[Any], timeout_s: float = 10.0) -> list[Reply]:
