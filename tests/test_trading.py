@@ -48,6 +48,25 @@ def test_the_stake_is_debited_at_once_and_a_market_draw_refunds_it(engine, recor
     ]
 
 
+def test_a_settlement_refused_before_commit_is_tried_again_and_settles_once(engine):
+    # As after a healed partition: the account's earlier command expired in the queue, the
+    # ledger refuses what follows for it until it reloads, and the expiry meets that refusal.
+    alice = new_user(engine, "alice", usdt="100")
+    pin_prices(engine)
+    trade = place(engine, alice)
+    from balancesim.actors._account import _Reload
+
+    engine.ledger._poisoned.add(alice)  # what the expired command did to the account
+    engine.advance(30)
+    assert engine.trades(alice, "open")[0]["trade_id"] == trade["trade_id"]  # refused, nothing written
+    engine.registry.tell(alice, _Reload())  # what it asked of the account: reload, which lifts the refusal
+    engine.advance(1)  # the market settles it again a simulated second later
+    done = settled(engine, trade["trade_id"])
+    assert (done["status"], done["payout"], done["settled_at"]) == ("draw", "10", done["expires_at"])
+    assert engine.balance(alice)["balances"]["USDT"] == "100"
+    assert verify(engine.ledger.path).ok
+
+
 def test_the_owners_control_mode_decides_when_no_admin_forced(engine):
     alice = new_user(engine, "alice", usdt="100")
     boss = new_user(engine, "boss", "superadmin")
