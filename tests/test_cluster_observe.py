@@ -28,6 +28,7 @@ from balancesim.cli import cli, status_table
 from balancesim.cluster import Placement, shard_of_user_id, shard_of_username
 from balancesim.cluster._processes import LATE_AFTER_S, shard_state, status_lags, status_problems
 from balancesim.serveproc import ServerProcess
+from tests.serve_process import stopped_after
 from tests.test_cluster_serve import balancesim, request, username_on
 from tests.test_storage_faults import fill
 
@@ -71,17 +72,8 @@ def status(data_dir: str, *args: str) -> tuple[int, dict, str]:
 
 @pytest.fixture
 def serve(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
-    servers: list[ServerProcess] = []
-
-    def start(*args: str, data_dir: str | None = None) -> ServerProcess:
-        server = ServerProcess(None, *BASE_ARGS, *args, data_dir=data_dir or str(tmp_path / "data")).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        if server.running():
-            server.stop()
+    yield from stopped_after(lambda *args, data_dir=None: ServerProcess(
+        None, *BASE_ARGS, *args, data_dir=data_dir or str(tmp_path / "data")))
 
 
 def login(url: str, username: str, password: str) -> dict:

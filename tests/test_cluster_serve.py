@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -28,6 +28,7 @@ from balancesim.cluster import SECRET_ENV, Placement, shard_of_user_id, shard_of
 from balancesim.cluster._supervisor import REDIS_URL_ENV as SUPERVISOR_REDIS_URL_ENV
 from balancesim.cluster._supervisor import read_redis_url
 from balancesim.serveproc import ServerProcess
+from tests.serve_process import stopped_after
 
 CLUSTER_ARGS = ("--workers", "2", "--shards", "2", "--demo", "--time-scale", "0.01", "--password-cost", "1024")
 WAIT_S = 20.0
@@ -92,18 +93,9 @@ def shard_pids(data_dir: str) -> dict[int, int]:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    servers: list[ServerProcess] = []
-
-    def start(*args: str, data_dir: str | None = None) -> ServerProcess:
-        server = ServerProcess(None, *CLUSTER_ARGS, *args, data_dir=data_dir or str(tmp_path / "data")).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        if server.running():
-            server.stop()
+def cluster(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
+    yield from stopped_after(lambda *args, data_dir=None: ServerProcess(
+        None, *CLUSTER_ARGS, *args, data_dir=data_dir or str(tmp_path / "data")))
 
 
 def test_the_redis_url_travels_in_one_variable():

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pykka
 
-__all__ = ["Reply", "as_asyncio", "completed", "failed"]
+__all__ = ["Reply", "as_asyncio", "completed", "failed", "settle"]
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,15 @@ class _Bridge:
         with self._lock:
             pending, self._pending = self._pending, []
         for future, value, error in pending:
-            _settle(future, value, error)
+            settle(future, value, error)
 
 
 _bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge] = weakref.WeakKeyDictionary()
 
 
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+def settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Complete ``future`` with ``value``, or with ``error`` when there is one; a future
+    already done (its waiter gave up) is left as it is."""
     if future.done():
         return
     if error is not None:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from balancesim import errors
 from balancesim.actors import START_PRICES, PriceTicked, Reply, iso
 from balancesim.actors._codec import from_plain
+from balancesim.actors._reply import settle
 from balancesim.cluster._health import ShardHealth
 from balancesim.cluster._placement import Placement, shard_of_user_id, shard_of_username
 from balancesim.cluster._rpc import (
@@ -173,7 +174,7 @@ class RemoteEngine:
         """
         assert self.loop is not None
         future: asyncio.Future[Any] = self.loop.create_future()
-        self._begin(shard, op, args, key, functools.partial(_settle, future))
+        self._begin(shard, op, args, key, functools.partial(settle, future))
         return await future
 
     def _begin(self, shard: int, op: str, args: dict[str, Any], key: str | None, done: _Done) -> None:
@@ -581,15 +582,6 @@ class _Unsent(errors.Unavailable):
 
 #: The error a send settles with when no answer came in time (never shown to anyone).
 _LATE = errors.Timeout("no answer in time")
-
-
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
 
 
 def _timeout(shard: int, key: str | None) -> errors.Timeout:
