@@ -8,9 +8,12 @@ import tempfile
 import time
 
 import pykka
+import pytest
 import redis.asyncio
 from tornado.testing import gen_test
 
+from balancesim import errors
+from balancesim.actors import as_asyncio
 from balancesim.cluster import shard_of_user_id, shard_of_username
 from balancesim.gateway import make_app
 from balancesim.money import format_amount
@@ -174,6 +177,20 @@ class Deadlines(ClusterCase):
         assert (status, again["error"]["code"]) == (503, "unavailable") and "expired" in again["error"]["message"]
         status, fresh = await self.call(*request, headers={"Idempotency-Key": "late-2"})
         assert status == 201 and fresh["transaction"]["balance_after"] == "15"
+
+    @gen_test(timeout=30)
+    async def test_a_call_pending_when_the_gateway_stops_is_504_with_its_key_not_503(self):
+        # It was handed over: its outcome is open, and only a 504 says so (a 503 would claim
+        # that nothing changed).
+        boss = await self.account("boss", "superadmin")
+        alice = await self.account("alice", usdt="10")
+        self.stall("alice", 2.0)
+        reply = self.remote.deposit(alice["user_id"], "5", initiated_by=boss["user_id"], idempotency_key="stopping-1")
+        await asyncio.sleep(0.2)
+        await self.remote.aclose()
+        with pytest.raises(errors.Timeout) as raised:
+            await as_asyncio(reply)
+        assert raised.value.idempotency_key == "stopping-1"
 
     @gen_test(timeout=30)
     async def test_without_a_key_the_504_names_the_key_the_gateway_assigned(self):

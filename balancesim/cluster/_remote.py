@@ -116,13 +116,14 @@ class RemoteEngine:
         return self
 
     async def aclose(self) -> None:
-        """Stop reading; calls still pending fail as unavailable."""
+        """Stop reading; calls still pending end as ``504 timeout`` with their key: they
+        were handed over, so their outcome is open (a repeat on another gateway learns it)."""
         for tail in self._tails:
             await tail.stop()
         if self._producer is not None:
             await self._producer.aclose()
         for settle in list(self._pending.values()):
-            settle(None, errors.Unavailable("the gateway is stopping"))
+            settle(None, _STOPPING)
 
     def stop(self) -> None:
         """Nothing to stop in this process: the shards own the engines."""
@@ -204,18 +205,18 @@ class RemoteEngine:
             done(value, error)
 
         def first(value: Any, error: BaseException | None) -> None:
-            if error is not _LATE:
+            if error is not _LATE and error is not _STOPPING:
                 finish(value, error)
                 return
             caller = caller_of(op, args)
-            if key is None or caller is None:
+            if key is None or caller is None or error is _STOPPING:
                 self.timeouts += 1
                 finish(None, _timeout(shard, key))
                 return
             self._attempt(shard, "outcome", {"caller": caller, "key": key}, outcome)
 
         def outcome(value: Any, error: BaseException | None) -> None:
-            if error is _LATE or isinstance(error, (errors.Timeout, _Unsent)):
+            if error is _LATE or error is _STOPPING or isinstance(error, (errors.Timeout, _Unsent)):
                 # No answer, no outcome recorded yet, or the query itself not sent: the
                 # command may still have been handed over, so its outcome stays open.
                 # (Any other refusal is the command's own outcome: an expiry says 503.)
@@ -582,6 +583,9 @@ class _Unsent(errors.Unavailable):
 
 #: The error a send settles with when no answer came in time (never shown to anyone).
 _LATE = errors.Timeout("no answer in time")
+
+#: What the calls still pending settle with when the gateway stops (never shown either).
+_STOPPING = errors.Timeout("the gateway is stopping")
 
 
 def _timeout(shard: int, key: str | None) -> errors.Timeout:
